@@ -1,0 +1,48 @@
+"""The FastAPI application. Importing this module never imports torch, diffusers or peft."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.config import Settings, get_settings
+from service.db import make_engine, make_session_factory
+from service.health.routes import router as health_router
+from service.jobs.routes import router as jobs_router
+from service.problems import install_problem_handlers
+from service.queue import TaskSender, make_celery
+from service.storage import ArtifactStore
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; engines and clients are created once, in the lifespan."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.resolved_database_url)
+        celery = make_celery(settings)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.session_factory = make_session_factory(engine)
+        app.state.store = ArtifactStore(settings.resolved_artifact_dir)
+        app.state.sender = TaskSender(celery)
+        try:
+            yield
+        finally:
+            celery.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="lorastack",
+        version=__version__,
+        summary="Train LoRA adapters for Stable Diffusion and serve them over HTTP.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    app.include_router(health_router)
+    app.include_router(jobs_router)
+    return app

@@ -1,0 +1,54 @@
+"""API keys: random secrets stored as sha256 hashes, each belonging to a tenant."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.models import ApiKey, Tenant
+
+KEY_PREFIX = "lsk_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant every query is scoped to, and the key used."""
+
+    tenant_id: str
+    key_id: str
+
+
+def hash_key(secret: str) -> str:
+    # Keys are 256-bit random secrets, so a fast hash is enough (no password stretching needed).
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_api_key(session: Session, *, tenant_name: str, name: str | None = None) -> str:
+    """Create a key for ``tenant_name`` (creating the tenant if needed); returns the secret."""
+    tenant = get_or_create_tenant(session, tenant_name)
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(secret), prefix=secret[:8], name=name))
+    session.flush()
+    return secret
+
+
+def authenticate(session: Session, secret: str) -> Principal | None:
+    key = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked.is_(False))
+    )
+    if key is None:
+        return None
+    return Principal(tenant_id=key.tenant_id, key_id=key.id)

@@ -1,0 +1,275 @@
+"""The ``lorastack`` command: serve, worker, keys, init-model, migrate.
+
+The serve process runs the API (uvicorn) and so never imports torch; the tiny model is
+built and the worker runs in child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from service.config import Settings, SettingsError, get_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def fail(message: str) -> NoReturn:
+    print(f"lorastack: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_settings() -> Settings:
+    """Settings, checked; any problem ends the process with one clear line."""
+    try:
+        settings = get_settings()
+        settings.check()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = "LORASTACK_" + ".".join(str(p) for p in err["loc"]).upper()
+        fail(f"{field}: {err['msg']}")
+    except SettingsError as exc:
+        fail(str(exc))
+    return settings
+
+
+def check_database(settings: Settings) -> None:
+    from sqlalchemy import text
+
+    from service.db import make_engine
+
+    url = settings.resolved_database_url
+    kwargs = {} if url.startswith("sqlite") else {"connect_args": {"connect_timeout": 5}}
+    try:
+        engine = make_engine(url, **kwargs)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        fail(f"cannot reach the database ({_redact(url)}): {reason}")
+
+
+def check_redis(settings: Settings) -> None:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.redis_client_url, socket_connect_timeout=5)
+        client.ping()
+        client.close()
+    except Exception as exc:
+        fail(f"cannot reach Redis ({_redact(settings.redis_client_url)}): {exc}")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def migrate(settings: Settings) -> None:
+    """alembic upgrade head on the configured database."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config.attributes["database_url"] = settings.resolved_database_url
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+def ensure_tiny_model(settings: Settings) -> None:
+    """With no base model configured, build the tiny one once (in a child process: torch)."""
+    if settings.base_models or (settings.tiny_model_dir / "model_index.json").exists():
+        return
+    print(f"building the tiny base model in {settings.tiny_model_dir} ...", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "service.cli", "init-model", "--preset", "tiny",
+         str(settings.tiny_model_dir)],
+        check=True,
+    )
+
+
+def dev_api_key(settings: Settings) -> str:
+    """The embedded default's key, kept in the data dir so every serve prints the same one."""
+    from service.auth import authenticate, create_api_key
+    from service.db import make_engine, make_session_factory, unit_of_work
+
+    key_file = settings.data_dir / "api_key"
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            if key_file.exists():
+                secret = key_file.read_text().strip()
+                if authenticate(session, secret) is not None:
+                    return secret
+            secret = create_api_key(session, tenant_name="default", name="lorastack serve")
+        key_file.write_text(secret + "\n")
+        key_file.chmod(0o600)
+        return secret
+    finally:
+        engine.dispose()
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LORASTACK_DATA_DIR"] = str(settings.data_dir.resolve())
+    return env
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.app import create_app
+    from service.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+
+    settings = load_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    check_database(settings)
+    embedded: EmbeddedRedis | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        if settings.embedded_redis:
+            embedded = EmbeddedRedis(socket_path=settings.embedded_redis_socket,
+                                     data_dir=settings.data_dir.resolve())
+            try:
+                embedded.start()
+            except EmbeddedRedisError as exc:
+                fail(str(exc))
+        else:
+            check_redis(settings)
+        migrate(settings)
+        ensure_tiny_model(settings)
+        key = dev_api_key(settings)
+        if not args.no_worker:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "worker"],
+                env=child_env(settings),
+                start_new_session=True,  # Ctrl-C reaches us; we stop the worker in order
+            )
+        url = f"http://{args.host}:{args.port}"
+        print(f"lorastack serving on {url}", flush=True)
+        print(f"  database: {_redact(settings.resolved_database_url)}", flush=True)
+        print(f"  redis:    {settings.broker_url}", flush=True)
+        print(f"  try:      curl -H 'Authorization: Bearer {key}' {url}/readyz", flush=True)
+        print(f"API key: {key}", flush=True)
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host=args.host, port=args.port,
+                           log_level=args.log_level, lifespan="on")
+        )
+        server.run()  # returns on SIGINT/SIGTERM after a graceful shutdown
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # Celery warm shutdown
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        if embedded is not None:
+            embedded.stop()
+        print("lorastack stopped", flush=True)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    import socket
+
+    settings = load_settings()
+    check_database(settings)
+    check_redis(settings)
+    from workers.celery_app import app
+
+    app.worker_main(
+        [
+            "worker",
+            f"--loglevel={args.log_level.upper()}",
+            "-Q", args.queues,
+            # One process per GPU: the task runs in the process that holds the warm model.
+            "--pool=solo",
+            "-n", f"lorastack-{os.getpid()}@{socket.gethostname()}",
+            "--without-gossip", "--without-mingle",
+        ]
+    )
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    from service.auth import create_api_key
+    from service.db import make_engine, make_session_factory, unit_of_work
+
+    settings = load_settings()
+    check_database(settings)
+    engine = make_engine(settings.resolved_database_url)
+    with unit_of_work(make_session_factory(engine)) as session:
+        secret = create_api_key(session, tenant_name=args.tenant, name=args.name)
+    engine.dispose()
+    print(f"created an API key for tenant {args.tenant!r} (shown once; store it now):")
+    print(secret)
+
+
+def cmd_init_model(args: argparse.Namespace) -> None:
+    from workers.engine.model_builder import build_pipeline_folder
+
+    out = Path(args.dir)
+    if out.exists() and any(out.iterdir()):
+        fail(f"{out} exists and is not empty")
+    build_pipeline_folder(args.preset, out, seed=args.seed)
+    print(f"wrote a randomly initialised {args.preset} pipeline to {out}")
+
+
+def cmd_migrate(_: argparse.Namespace) -> None:
+    settings = load_settings()
+    check_database(settings)
+    migrate(settings)
+    print("database is at the latest migration")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorastack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="API + one worker (+ embedded Redis / SQLite by default)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true", help="run the API only")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run one worker against the configured URLs")
+    worker.add_argument("--queues", default="train,generate")
+    worker.add_argument("--log-level", default="info")
+    worker.set_defaults(func=cmd_worker)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key; the key alone is the last line")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name")
+    create.set_defaults(func=cmd_keys_create)
+
+    init = sub.add_parser("init-model", help="write a randomly initialised SD 1.x pipeline")
+    init.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("dir")
+    init.set_defaults(func=cmd_init_model)
+
+    mig = sub.add_parser("migrate", help="alembic upgrade head on the configured database")
+    mig.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

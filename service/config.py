@@ -1,0 +1,146 @@
+"""The one Settings object, read from ``LORASTACK_*`` environment variables."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TINY_MODEL_NAME = "tiny"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work; reported as one line at start-up."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the usual URL forms and pick the SQLAlchemy driver ourselves.
+
+    ``postgres://`` and ``postgresql://`` use psycopg 3; ``sqlite:///path`` stays as is.
+    """
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
+    if url.startswith(("postgresql+psycopg://", "sqlite://", "sqlite+pysqlite://")):
+        return url
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    raise SettingsError(
+        f"LORASTACK_DATABASE_URL: unsupported scheme {scheme!r} "
+        "(use postgresql://user@host/db or sqlite:///path/to/file.db)"
+    )
+
+
+class Settings(BaseSettings):
+    """Process-wide configuration. Build it once with :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASTACK_", extra="ignore")
+
+    env: str = Field(default="development", description="development | production")
+    data_dir: Path = Field(default=Path(".lorastack"))
+    database_url: str | None = None
+    redis_url: str | None = Field(
+        default=None, description="redis://host:port/db; unset = embedded Redis in the data dir"
+    )
+    base_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON object name -> hub id or local folder; the first one is the default",
+    )
+    artifact_dir: Path | None = None
+
+    # Celery and workers.
+    worker_heartbeat_s: float = 5.0
+    worker_stale_s: float = 30.0
+    visibility_timeout_s: int = 6 * 3600 + 600
+    job_lease_s: float = 60.0
+    job_max_attempts: int = 3
+
+    # Limits.
+    max_upload_bytes: int = 512 * 1024 * 1024
+    page_limit_max: int = 200
+
+    @field_validator("base_models", mode="before")
+    @classmethod
+    def _parse_base_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a JSON object name -> hub id or folder ({exc})") from exc
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: str) -> str:
+        if value not in ("development", "production", "test"):
+            raise ValueError("must be development, production or test")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return normalize_database_url(self.database_url)
+        return f"sqlite:///{(self.data_dir / 'lorastack.db').resolve()}"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return (self.data_dir / "redis.sock").resolve()
+
+    @property
+    def broker_url(self) -> str:
+        """The Redis URL in the form Celery (kombu) takes."""
+        if self.redis_url:
+            return self.redis_url
+        return f"redis+socket://{self.embedded_redis_socket}"
+
+    @property
+    def redis_client_url(self) -> str:
+        """The Redis URL in the form redis-py takes."""
+        if self.redis_url:
+            return self.redis_url.replace("redis+socket://", "unix://", 1)
+        return f"unix://{self.embedded_redis_socket}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return (self.data_dir / "models" / TINY_MODEL_NAME).resolve()
+
+    @property
+    def model_sources(self) -> dict[str, str]:
+        """Configured base models; with none configured, the embedded tiny model."""
+        if self.base_models:
+            return dict(self.base_models)
+        return {TINY_MODEL_NAME: str(self.tiny_model_dir)}
+
+    @property
+    def default_base_model(self) -> str:
+        return next(iter(self.model_sources))
+
+    def check(self) -> None:
+        """Refuse unsafe or contradictory settings (raises SettingsError)."""
+        normalize_database_url(self.resolved_database_url)
+        if self.env == "production" and not self.database_url:
+            raise SettingsError("LORASTACK_DATABASE_URL must be set in production (no SQLite)")
+        if self.env == "production" and not self.redis_url:
+            raise SettingsError("LORASTACK_REDIS_URL must be set in production (no embedded Redis)")
+        if self.redis_url and not self.redis_url.startswith(
+            ("redis://", "rediss://", "redis+socket://", "unix://")
+        ):
+            raise SettingsError(f"LORASTACK_REDIS_URL: unsupported URL {self.redis_url!r}")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

@@ -1,0 +1,94 @@
+"""FastAPI dependencies: the request's unit of work, the caller, paging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Query, Request
+from sqlalchemy.orm import Session
+
+from service.auth import Principal, authenticate
+from service.config import Settings
+from service.problems import Unauthorized
+from service.queue import TaskSender
+from service.storage import ArtifactStore
+
+
+@dataclass
+class UnitOfWork:
+    """The request's session. Services flush; the route commits once, then tasks are sent.
+
+    Sending after the commit means a worker never receives an id whose row it cannot see.
+    """
+
+    session: Session
+    sender: TaskSender
+    _after_commit: list[Callable[[], Any]] = field(default_factory=list)
+
+    def after_commit(self, fn: Callable[[], Any]) -> None:
+        self._after_commit.append(fn)
+
+    def commit(self) -> None:
+        self.session.commit()
+        pending, self._after_commit = self._after_commit, []
+        for fn in pending:
+            fn()
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> ArtifactStore:
+    store: ArtifactStore = request.app.state.store
+    return store
+
+
+def get_uow(request: Request) -> Iterator[UnitOfWork]:
+    session: Session = request.app.state.session_factory()
+    uow = UnitOfWork(session=session, sender=request.app.state.sender)
+    try:
+        yield uow
+    finally:
+        # Anything not committed by the route is discarded: a failed request stores nothing.
+        session.rollback()
+        session.close()
+
+
+def get_principal(request: Request, uow: Annotated[UnitOfWork, Depends(get_uow)]) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized(
+            "missing bearer token: send Authorization: Bearer <api key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    principal = authenticate(uow.session, secret.strip())
+    if principal is None:
+        raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+@dataclass(frozen=True)
+class Page:
+    limit: int
+    after: str | None
+
+
+def get_page(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000, description="items per page")] = 50,
+    after: Annotated[str | None, Query(max_length=100, description="id to start after")] = None,
+) -> Page:
+    settings: Settings = request.app.state.settings
+    return Page(limit=min(limit, settings.page_limit_max), after=after)
+
+
+UoW = Annotated[UnitOfWork, Depends(get_uow)]
+Caller = Annotated[Principal, Depends(get_principal)]
+Paging = Annotated[Page, Depends(get_page)]
+Store = Annotated[ArtifactStore, Depends(get_store)]
+AppSettings = Annotated[Settings, Depends(get_settings_dep)]

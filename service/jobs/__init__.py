@@ -1,0 +1,1 @@
+"""Jobs: the lifecycle every background task goes through, and its routes."""

@@ -1,0 +1,235 @@
+"""Job state in SQL, the only source of truth: leases, heartbeats, events, the reaper.
+
+Every transition is a conditional UPDATE, so two workers (or a duplicate delivery of one
+message) can never both run a job, and a terminal state is never left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.db import utcnow
+from service.models import FINAL_JOB_STATUSES, Job, JobEvent, JobStatus
+
+RUNNING_STATES = (JobStatus.RUNNING.value, JobStatus.CANCEL_REQUESTED.value)
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: str,
+    kind: str,
+    queue: str,
+    params: dict[str, Any] | None = None,
+    max_attempts: int = 3,
+    dataset_id: str | None = None,
+    base_model: str | None = None,
+    adapter_name: str | None = None,
+) -> Job:
+    job = Job(
+        tenant_id=tenant_id,
+        kind=kind,
+        queue=queue,
+        params=params or {},
+        max_attempts=max_attempts,
+        dataset_id=dataset_id,
+        base_model=base_model,
+        adapter_name=adapter_name,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job_id=job.id, type="state", data={"status": JobStatus.QUEUED.value})
+    return job
+
+
+def add_event(
+    session: Session, *, job_id: str, type: str, data: dict[str, Any], level: str = "info"
+) -> int:
+    """Append an event with the job's next sequence number (atomic across processes)."""
+    seq = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(event_seq=Job.event_seq + 1)
+        .returning(Job.event_seq)
+    ).scalar_one()
+    session.add(JobEvent(job_id=job_id, seq=seq, type=type, level=level, data=data))
+    session.flush()
+    return int(seq)
+
+
+def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> Job | None:
+    """Claim a queued job. Returns None when it is not queued (taken, cancelled, finished)."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+        .values(
+            status=JobStatus.RUNNING.value,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if claimed != 1:
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    add_event(session, job_id=job_id, type="state",
+              data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner})
+    return job
+
+
+def renew_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> str | None:
+    """Heartbeat a held job; returns its status (to see a cancel), or None if the lease was lost."""
+    now = utcnow()
+    renewed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(RUNNING_STATES))
+        .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if renewed != 1:
+        return None
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def finish_job(
+    session: Session,
+    *,
+    job_id: str,
+    owner: str,
+    status: JobStatus,
+    result: dict[str, Any] | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> bool:
+    """Move a held job to a terminal state. False if this owner no longer holds it."""
+    assert status in FINAL_JOB_STATUSES
+    values: dict[str, Any] = {
+        "status": status.value,
+        "finished_at": utcnow(),
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if result is not None:
+        values["result"] = result
+    if error_code is not None:
+        values["error_code"] = error_code
+        values["error_message"] = error_message
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(RUNNING_STATES))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if done != 1:
+        return False
+    data: dict[str, Any] = {"status": status.value}
+    if error_code:
+        data["error"] = {"code": error_code, "message": error_message}
+    add_event(session, job_id=job_id, type="state", data=data,
+              level="error" if status is JobStatus.FAILED else "info")
+    return True
+
+
+def request_cancel(session: Session, *, job: Job) -> None:
+    """Cancel a queued job at once; ask a running one to stop at its next step."""
+    now = utcnow()
+    if job.status == JobStatus.QUEUED.value:
+        changed = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELLED.value, finished_at=now, cancel_requested_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if changed:
+            add_event(session, job_id=job.id, type="state",
+                      data={"status": JobStatus.CANCELLED.value})
+            session.refresh(job)
+            return
+        session.refresh(job)
+    if job.status == JobStatus.RUNNING.value:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value)
+            .values(status=JobStatus.CANCEL_REQUESTED.value, cancel_requested_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        add_event(session, job_id=job.id, type="state",
+                  data={"status": JobStatus.CANCEL_REQUESTED.value})
+        session.refresh(job)
+
+
+@dataclass(frozen=True)
+class Requeued:
+    job_id: str
+    queue: str
+    kind: str
+
+
+def reap_stale_jobs(session: Session, *, now: datetime | None = None) -> list[Requeued]:
+    """Requeue running jobs whose lease expired (their worker died); fail those out of attempts.
+
+    Returns the jobs to send again; the caller sends them after committing.
+    """
+    now = now or utcnow()
+    stale = session.scalars(
+        select(Job).where(Job.status.in_(RUNNING_STATES), Job.lease_expires_at < now)
+    ).all()
+    requeued: list[Requeued] = []
+    for job in stale:
+        base = update(Job).where(
+            Job.id == job.id,
+            Job.status == job.status,
+            Job.lease_owner == job.lease_owner,
+            Job.lease_expires_at < now,
+        ).execution_options(synchronize_session=False)
+        lost = {"worker": job.lease_owner, "attempt": job.attempts}
+        if job.status == JobStatus.CANCEL_REQUESTED.value:
+            if session.execute(base.values(
+                status=JobStatus.CANCELLED.value, finished_at=now,
+                lease_owner=None, lease_expires_at=None,
+            )).rowcount:
+                add_event(session, job_id=job.id, type="state",
+                          data={"status": JobStatus.CANCELLED.value, **lost})
+        elif job.attempts >= job.max_attempts:
+            if session.execute(base.values(
+                status=JobStatus.FAILED.value, finished_at=now,
+                lease_owner=None, lease_expires_at=None,
+                error_code="worker_lost",
+                error_message=(
+                    f"the worker running this job was lost {job.attempts} times "
+                    f"(attempt cap {job.max_attempts})"
+                ),
+            )).rowcount:
+                add_event(session, job_id=job.id, type="state", level="error",
+                          data={"status": JobStatus.FAILED.value, **lost})
+        elif session.execute(base.values(
+            status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None, queued_at=now,
+        )).rowcount:
+            add_event(session, job_id=job.id, type="state", level="warning",
+                      data={"status": JobStatus.QUEUED.value, "reason": "worker_lost", **lost})
+            requeued.append(Requeued(job_id=job.id, queue=job.queue, kind=job.kind))
+    return requeued
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1-based position among queued jobs of the same queue (None unless queued)."""
+    if job.status != JobStatus.QUEUED.value:
+        return None
+    ahead = session.scalar(
+        select(func.count()).select_from(Job).where(
+            Job.queue == job.queue,
+            Job.status == JobStatus.QUEUED.value,
+            Job.queued_at < job.queued_at,
+        )
+    )
+    return int(ahead or 0) + 1

@@ -1,0 +1,157 @@
+"""HTTP routes for jobs (status, list, events, cancel) and the ping round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import Caller, Paging, UoW
+from service.jobs import lifecycle
+from service.jobs.schemas import JobEventList, JobEventOut, JobList, JobOut
+from service.jobs.service import get_job, list_events, list_jobs
+from service.models import FINAL_JOB_STATUSES, JobKind, JobStatus
+from service.queue import QUEUES, TASK_PING
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.get("/jobs", operation_id="list_jobs", response_model=JobList)
+def list_jobs_route(
+    uow: UoW,
+    caller: Caller,
+    page: Paging,
+    kind: Annotated[JobKind | None, Query()] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
+) -> JobList:
+    rows, has_more = list_jobs(
+        uow.session, tenant_id=caller.tenant_id, limit=page.limit, after=page.after,
+        kind=kind.value if kind else None, status=status.value if status else None,
+    )
+    return JobList(
+        data=[JobOut.from_row(j, queue_position=lifecycle.queue_position(uow.session, j))
+              for j in rows],
+        has_more=has_more,
+    )
+
+
+@router.get("/jobs/{job_id}", operation_id="get_job", response_model=JobOut)
+def get_job_route(job_id: str, uow: UoW, caller: Caller) -> JobOut:
+    job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
+    return JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
+
+
+@router.post("/jobs/{job_id}/cancel", operation_id="cancel_job", response_model=JobOut)
+def cancel_job_route(job_id: str, uow: UoW, caller: Caller) -> JobOut:
+    job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
+    lifecycle.request_cancel(uow.session, job=job)
+    uow.commit()
+    return JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    operation_id="list_job_events",
+    response_model=JobEventList,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def job_events_route(
+    request: Request,
+    job_id: str,
+    uow: UoW,
+    caller: Caller,
+    after: Annotated[int, Query(ge=0, description="return events with seq > after")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobEventList | StreamingResponse:
+    job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        factory = request.app.state.session_factory
+        return StreamingResponse(
+            _stream_events(factory, job_id=job.id, after=after, request=request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    rows, has_more = list_events(uow.session, job_id=job.id, after=after, limit=limit)
+    return JobEventList(data=[JobEventOut.from_row(e) for e in rows], has_more=has_more)
+
+
+async def _stream_events(
+    factory: object, *, job_id: str, after: int, request: Request, poll_s: float = 0.5
+) -> AsyncIterator[str]:
+    """Server-sent events read from SQL; ends after the job's terminal state event."""
+    from sqlalchemy.orm import Session, sessionmaker
+
+    assert isinstance(factory, sessionmaker)
+
+    def fetch(cursor: int) -> tuple[list[JobEventOut], str]:
+        session: Session = factory()
+        try:
+            rows, _ = list_events(session, job_id=job_id, after=cursor, limit=500)
+            status = get_status(session)
+            return [JobEventOut.from_row(r) for r in rows], status
+        finally:
+            session.close()
+
+    def get_status(session: Session) -> str:
+        from service.models import Job
+
+        job = session.get(Job, job_id)
+        return job.status if job else JobStatus.FAILED.value
+
+    cursor = after
+    last_beat = time.monotonic()
+    while True:
+        events, status = await run_in_threadpool(fetch, cursor)
+        for event in events:
+            cursor = event.seq
+            yield f"id: {event.seq}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
+        if not events and status in FINAL_JOB_STATUSES:
+            return
+        if await request.is_disconnected():
+            return
+        if time.monotonic() - last_beat > 15:
+            last_beat = time.monotonic()
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(poll_s)
+
+
+@router.post("/ping", operation_id="ping", response_model=JobOut, status_code=200,
+             tags=["health"])
+async def ping_route(
+    uow: UoW,
+    caller: Caller,
+    queue: Annotated[Literal["train", "generate"], Query()] = "generate",
+    wait: Annotated[float, Query(ge=0, le=60, description="seconds to wait for the pong")] = 10,
+) -> JobOut:
+    """Send a trivial task through Redis to a worker and back through SQL."""
+    assert queue in QUEUES
+
+    def create() -> str:
+        job = lifecycle.create_job(
+            uow.session, tenant_id=caller.tenant_id, kind=JobKind.PING.value, queue=queue,
+            max_attempts=1,
+        )
+        job_id = job.id
+        uow.after_commit(lambda: uow.sender.send(TASK_PING, job_id=job_id, queue=queue))
+        uow.commit()
+        return job_id
+
+    job_id = await run_in_threadpool(create)
+    deadline = time.monotonic() + wait
+    while True:
+        def read() -> JobOut:
+            uow.session.expire_all()
+            job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
+            out = JobOut.from_row(job)
+            uow.session.rollback()
+            return out
+
+        out = await run_in_threadpool(read)
+        if out.status in FINAL_JOB_STATUSES or time.monotonic() >= deadline:
+            return out
+        await asyncio.sleep(0.05)

@@ -1,0 +1,118 @@
+"""Artifact store: datasets, checkpoints, adapter files and images.
+
+A local directory by default. Files are content-addressed (``<prefix>/<sha256>``) and
+written atomically (temp file in the same directory, fsync, rename), so a reader never sees
+half a file and a crash leaves no partial artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    sha256: str
+    size: int
+
+
+class InvalidKey(ValueError):
+    pass
+
+
+class ArtifactStore:
+    """Keys are relative POSIX paths under ``root``; ``..`` and absolute keys are refused."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if not key or key.startswith("/") or "\\" in key or ".." in key.split("/"):
+            raise InvalidKey(f"invalid artifact key {key!r}")
+        return self.root / key
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def tempdir(self, *, prefix: str = "tmp") -> Path:
+        """A scratch directory on the store's filesystem (so a rename into place is atomic)."""
+        tmp_root = self.root / ".tmp"
+        tmp_root.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=tmp_root))
+
+    def put_stream(self, stream: BinaryIO, *, prefix: str, suffix: str = "") -> StoredObject:
+        """Store a stream under ``prefix/<sha256><suffix>``; identical content is stored once."""
+        tmp_root = self.root / ".tmp"
+        tmp_root.mkdir(exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_root)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            sha = digest.hexdigest()
+            key = f"{prefix}/{sha}{suffix}"
+            dest = self.path(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp_name, dest)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return StoredObject(key=key, sha256=sha, size=size)
+
+    def put_bytes(self, data: bytes, *, prefix: str, suffix: str = "") -> StoredObject:
+        import io
+
+        return self.put_stream(io.BytesIO(data), prefix=prefix, suffix=suffix)
+
+    def put_file(self, src: Path, *, prefix: str, suffix: str = "") -> StoredObject:
+        with open(src, "rb") as fh:
+            return self.put_stream(fh, prefix=prefix, suffix=suffix)
+
+    def adopt_dir(self, src: Path, key: str) -> None:
+        """Move a fully written directory into place under ``key`` in one rename."""
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self.path(key), "rb")
+
+    def iter_bytes(self, key: str, *, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Yield the bytes [start, end] (inclusive end, as in HTTP ranges)."""
+        with self.open(key) as fh:
+            fh.seek(start)
+            remaining = None if end is None else end - start + 1
+            while remaining is None or remaining > 0:
+                chunk = fh.read(CHUNK if remaining is None else min(CHUNK, remaining))
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+
+    def size(self, key: str) -> int:
+        return self.path(key).stat().st_size
+
+    def delete(self, key: str) -> None:
+        target = self.path(key)
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)

@@ -1,0 +1,348 @@
+"""A fixed pool of LoRA slots injected once into the base model, and in-place adapter switching.
+
+``LoraSlotPool`` injects ``max_active`` peft LoRA adapters named ``slot0``..``slotN-1`` (rank
+``max_rank``) into every supported module of the UNet and the text encoder, once. Resident
+adapters are plain tensors on the device, outside the model (``ResidentAdapter``). Switching the
+active set copies the requested adapters' A/B into slots in place (rank zero-padded), sets each
+slot's scale to ``weight * alpha / rank`` and takes unused slots out of the forward pass. The
+cost depends on the pool and on the adapters being switched in, never on how many adapters are
+resident, unlike diffusers' ``set_adapters`` which walks every loaded adapter.
+
+Two modes:
+
+* dynamic (default): each LoRA layer's active-adapter list holds only the slots whose adapter
+  targets that layer, so an idle slot costs nothing and with no adapters every layer runs
+  exactly its base module (bitwise equal to the pristine model).
+* ``static_graph=True``: every slot stays active in every layer and scales are 0-dim tensors
+  updated with ``fill_``; a layer an adapter does not target gets scale 0 and zeroed weights.
+  Nothing the forward pass reads changes identity, so a ``torch.compile``'d model does not
+  recompile on a switch (the approach of peft's ``prepare_model_for_compiled_hotswap``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+
+from workers.engine.inference.lora_file import AdapterFormatError, LoraAdapterWeights
+
+# The modules the pool covers. Attention projections are what the diffusers LoRA recipe
+# trains; the transformer-block feed-forward and projections cover most imported adapters.
+UNET_TARGET_MODULES: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
+TEXT_ENCODER_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "fc1",
+    "fc2",
+)
+DEFAULT_TARGET_MODULES: Mapping[str, tuple[str, ...]] = {
+    "unet": UNET_TARGET_MODULES,
+    "text_encoder": TEXT_ENCODER_TARGET_MODULES,
+}
+
+
+@dataclass(frozen=True)
+class ResidentModule:
+    """One module of a resident adapter, bound to a layer of the pool."""
+
+    layer_index: int
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class ResidentAdapter:
+    """An adapter's tensors on the device, ready to be copied into a slot."""
+
+    key: str
+    modules: tuple[ResidentModule, ...]
+    nbytes: int
+
+
+@dataclass
+class _SlotLayer:
+    component: str
+    name: str
+    module: LoraLayer
+    lora_A: list[torch.Tensor]
+    lora_B: list[torch.Tensor]
+    # How many leading rank rows of each slot hold data (the rest is zero already).
+    filled_rank: list[int]
+    # The scale each slot has now, mirrored in Python so a switch never reads the device.
+    scales: list[float]
+    active: tuple[str, ...]
+
+
+class LoraSlotPool:
+    """``max_active`` LoRA slots of rank ``max_rank`` injected into the given model components."""
+
+    def __init__(
+        self,
+        components: Mapping[str, torch.nn.Module],
+        *,
+        max_active: int = 4,
+        max_rank: int = 64,
+        target_modules: Mapping[str, Sequence[str]] = DEFAULT_TARGET_MODULES,
+        static_graph: bool = False,
+    ) -> None:
+        if max_active < 1 or max_rank < 1:
+            raise ValueError("max_active and max_rank must be at least 1")
+        self.max_active = max_active
+        self.max_rank = max_rank
+        self.static_graph = static_graph
+        self.slot_names = tuple(f"slot{i}" for i in range(max_active))
+        self._layers: list[_SlotLayer] = []
+        self._index: dict[tuple[str, str], int] = {}
+        self._holders: list[ResidentAdapter | None] = [None] * max_active
+        # Layers where each slot holds non-zero data (kept after the holder is released).
+        self._slot_layers: list[frozenset[int]] = [frozenset()] * max_active
+        self._active: tuple[tuple[str, float], ...] = ()
+        for component, model in components.items():
+            targets = list(target_modules.get(component, ()))
+            if targets:
+                self._inject(component, model, targets)
+        if not self._layers:
+            raise ValueError("no module of the given components matches the target modules")
+
+    def _inject(self, component: str, model: torch.nn.Module, targets: list[str]) -> None:
+        config = LoraConfig(
+            r=self.max_rank, lora_alpha=self.max_rank, lora_dropout=0.0, target_modules=targets
+        )
+        for slot in self.slot_names:
+            inject_adapter_in_model(config, model, adapter_name=slot)
+        model.requires_grad_(False)
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            lora_A = [module.lora_A[slot].weight for slot in self.slot_names]
+            lora_B = [module.lora_B[slot].weight for slot in self.slot_names]
+            with torch.no_grad():
+                for weight in (*lora_A, *lora_B):
+                    weight.zero_()
+            scales = [0.0] * self.max_active
+            if self.static_graph:
+                device = lora_A[0].device
+                for slot in self.slot_names:
+                    module.scaling[slot] = torch.zeros((), device=device)
+                active = self.slot_names
+            else:
+                for slot in self.slot_names:
+                    module.scaling[slot] = 0.0
+                active = ()
+            module.set_adapter(list(active), inference_mode=True)
+            self._index[(component, name)] = len(self._layers)
+            self._layers.append(
+                _SlotLayer(
+                    component=component,
+                    name=name,
+                    module=module,
+                    lora_A=lora_A,
+                    lora_B=lora_B,
+                    filled_rank=[0] * self.max_active,
+                    scales=scales,
+                    active=tuple(active),
+                )
+            )
+
+    @property
+    def num_layers(self) -> int:
+        """How many LoRA layers the pool injected (over all components)."""
+        return len(self._layers)
+
+    @property
+    def active(self) -> tuple[tuple[str, float], ...]:
+        """The active adapters as (key, weight), in the order they were requested."""
+        return self._active
+
+    def covers(self, component: str, module_name: str) -> bool:
+        """Whether a slot layer exists for the module."""
+        return self._layer_index(component, module_name) is not None
+
+    def _layer_index(self, component: str, module_name: str) -> int | None:
+        index = self._index.get((component, module_name))
+        if index is None and component == "text_encoder":
+            # transformers 5 flattened CLIPTextModel; older files still say "text_model.".
+            alias = (
+                module_name.removeprefix("text_model.")
+                if module_name.startswith("text_model.")
+                else f"text_model.{module_name}"
+            )
+            index = self._index.get((component, alias))
+        return index
+
+    def make_resident(self, key: str, weights: LoraAdapterWeights) -> ResidentAdapter:
+        """Check ``weights`` against the pool and copy them to the slots' device and dtype."""
+        modules: list[ResidentModule] = []
+        nbytes = 0
+        for (component, name), module_weights in sorted(weights.modules.items()):
+            index = self._layer_index(component, name)
+            if index is None:
+                raise AdapterFormatError(
+                    f"adapter {key!r} targets {component}.{name}, which the slot pool does not "
+                    "cover; add it to the engine's target modules"
+                )
+            layer = self._layers[index]
+            slot_A, slot_B = layer.lora_A[0], layer.lora_B[0]
+            lora_A, lora_B = module_weights.lora_A, module_weights.lora_B
+            rank = lora_A.shape[0]
+            if rank > self.max_rank:
+                raise AdapterFormatError(
+                    f"adapter {key!r} has rank {rank} at {component}.{name}; "
+                    f"the engine's max_rank is {self.max_rank}"
+                )
+            if (
+                lora_A.shape[1:] != slot_A.shape[1:]
+                or lora_B.shape[0] != slot_B.shape[0]
+                or lora_B.shape[2:] != slot_B.shape[2:]
+            ):
+                raise AdapterFormatError(
+                    f"adapter {key!r} does not fit {component}.{name}: "
+                    f"A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)} for a layer with "
+                    f"A {tuple(slot_A.shape)}, B {tuple(slot_B.shape)}"
+                )
+            device_A = lora_A.to(device=slot_A.device, dtype=slot_A.dtype).contiguous()
+            device_B = lora_B.to(device=slot_B.device, dtype=slot_B.dtype).contiguous()
+            nbytes += device_A.numel() * device_A.element_size()
+            nbytes += device_B.numel() * device_B.element_size()
+            modules.append(
+                ResidentModule(
+                    layer_index=index,
+                    lora_A=device_A,
+                    lora_B=device_B,
+                    scaling=module_weights.scaling,
+                )
+            )
+        return ResidentAdapter(key=key, modules=tuple(modules), nbytes=nbytes)
+
+    @torch.no_grad()
+    def _fill_slot(self, slot: int, adapter: ResidentAdapter) -> None:
+        targeted = frozenset(m.layer_index for m in adapter.modules)
+        # Clear what the previous occupant left in layers the new one does not target, so those
+        # layers add exactly zero even in static mode.
+        for index in self._slot_layers[slot] - targeted:
+            self._zero_slot_layer(self._layers[index], slot)
+        for module in adapter.modules:
+            layer = self._layers[module.layer_index]
+            rank = module.rank
+            layer.lora_A[slot][:rank].copy_(module.lora_A)
+            layer.lora_B[slot][:, :rank].copy_(module.lora_B)
+            filled = layer.filled_rank[slot]
+            if filled > rank:
+                layer.lora_A[slot][rank:filled].zero_()
+                layer.lora_B[slot][:, rank:filled].zero_()
+            layer.filled_rank[slot] = rank
+        self._holders[slot] = adapter
+        self._slot_layers[slot] = targeted
+
+    @staticmethod
+    def _zero_slot_layer(layer: _SlotLayer, slot: int) -> None:
+        filled = layer.filled_rank[slot]
+        if filled:
+            layer.lora_A[slot][:filled].zero_()
+            layer.lora_B[slot][:, :filled].zero_()
+            layer.filled_rank[slot] = 0
+
+    def activate(self, adapters: Sequence[tuple[ResidentAdapter, float]]) -> None:
+        """Make exactly ``adapters`` (resident adapter, weight) active; an empty list means none."""
+        if len(adapters) > self.max_active:
+            raise ValueError(f"{len(adapters)} adapters requested; the engine has {self.max_active} slots")
+        keys = [adapter.key for adapter, _ in adapters]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"an adapter is requested twice: {keys}")
+
+        # Keep adapters that already sit in a slot where they are; fill the others into slots
+        # whose occupant is not requested.
+        assignment: list[int | None] = []
+        taken: set[int] = set()
+        for adapter, _ in adapters:
+            slot = next(
+                (s for s, held in enumerate(self._holders) if held is adapter and s not in taken),
+                None,
+            )
+            assignment.append(slot)
+            if slot is not None:
+                taken.add(slot)
+        free = [s for s in range(self.max_active) if s not in taken]
+        # Prefer empty slots, so that adapters used recently stay in place for a later switch.
+        free.sort(key=lambda s: self._holders[s] is not None)
+        for position, (adapter, _) in enumerate(adapters):
+            if assignment[position] is None:
+                slot = free.pop(0)
+                self._fill_slot(slot, adapter)
+                assignment[position] = slot
+
+        layer_slots: dict[int, list[tuple[int, float]]] = {}
+        for position, (adapter, weight) in enumerate(adapters):
+            slot = assignment[position]
+            assert slot is not None
+            for module in adapter.modules:
+                layer_slots.setdefault(module.layer_index, []).append(
+                    (slot, weight * module.scaling)
+                )
+        if self.static_graph:
+            self._apply_static(layer_slots)
+        else:
+            self._apply_dynamic(layer_slots)
+        self._active = tuple((adapter.key, float(weight)) for adapter, weight in adapters)
+
+    def _apply_dynamic(self, layer_slots: Mapping[int, list[tuple[int, float]]]) -> None:
+        for index, layer in enumerate(self._layers):
+            wanted = layer_slots.get(index, [])
+            for slot, scale in wanted:
+                layer.module.scaling[self.slot_names[slot]] = scale
+                layer.scales[slot] = scale
+            active = tuple(self.slot_names[slot] for slot, _ in wanted)
+            if active != layer.active:
+                # Slots are frozen, so this only replaces the layer's active-adapter list; the
+                # forward pass adds the slots in this order (the order of the request).
+                layer.module.set_adapter(list(active), inference_mode=True)
+                layer.active = active
+
+    @torch.no_grad()
+    def _apply_static(self, layer_slots: Mapping[int, list[tuple[int, float]]]) -> None:
+        for index, layer in enumerate(self._layers):
+            wanted = dict(layer_slots.get(index, []))
+            for slot in range(self.max_active):
+                scale = wanted.get(slot, 0.0)
+                if scale != layer.scales[slot]:
+                    scaling = layer.module.scaling[self.slot_names[slot]]
+                    assert isinstance(scaling, torch.Tensor)
+                    scaling.fill_(scale)
+                    layer.scales[slot] = scale
+            # An active list in the request's order keeps the sum order of the reference.
+            order = [slot for slot, _ in layer_slots.get(index, [])]
+            order += [s for s in range(self.max_active) if s not in wanted]
+            active = tuple(self.slot_names[s] for s in order)
+            if active != layer.active:
+                layer.module.set_adapter(list(active), inference_mode=True)
+                layer.active = active
+
+    def release(self, adapter: ResidentAdapter) -> None:
+        """Drop the pool's reference to ``adapter`` (evicted from the device tier).
+
+        Slots hold copies, so an active adapter keeps working; it is copied in again the next
+        time it is requested.
+        """
+        for slot, held in enumerate(self._holders):
+            if held is adapter:
+                self._holders[slot] = None

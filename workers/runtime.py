@@ -1,0 +1,124 @@
+"""Per-process worker state: the SQL session factory, the artifact store, the heartbeat.
+
+Built once per worker process (Celery's worker_process_init / worker_init), never per task.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings, get_settings
+from service.db import make_engine, make_session_factory, process_id, unit_of_work, utcnow
+from service.jobs import lifecycle
+from service.models import Worker
+from service.queue import QUEUES, TaskSender
+from service.storage import ArtifactStore
+
+log = logging.getLogger("lorastack.worker")
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    store: ArtifactStore
+    sender: TaskSender
+    worker_id: str = field(default_factory=process_id)
+    queues: tuple[str, ...] = QUEUES
+    current_job_id: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def register(self) -> None:
+        import socket
+
+        with unit_of_work(self.session_factory) as session:
+            session.merge(
+                Worker(
+                    id=self.worker_id,
+                    hostname=socket.gethostname(),
+                    queues=list(self.queues),
+                    base_model=self.settings.default_base_model,
+                    device=self.info.get("device"),
+                    info=self.info,
+                    started_at=utcnow(),
+                    heartbeat_at=utcnow(),
+                )
+            )
+
+    def beat(self) -> None:
+        """One heartbeat: refresh our worker row, renew the current job's lease, reap the dead."""
+        job_id = self.current_job_id
+        with unit_of_work(self.session_factory) as session:
+            session.execute(
+                update(Worker)
+                .where(Worker.id == self.worker_id)
+                .values(heartbeat_at=utcnow(), current_job_id=job_id, info=dict(self.info))
+            )
+            if job_id:
+                lifecycle.renew_lease(
+                    session, job_id=job_id, owner=self.worker_id,
+                    lease_s=self.settings.job_lease_s,
+                )
+            requeued = lifecycle.reap_stale_jobs(session)
+            cutoff = utcnow() - timedelta(seconds=self.settings.worker_stale_s * 10)
+            session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff))
+        for job in requeued:
+            log.warning("requeued job %s after its worker was lost", job.job_id)
+            self.sender.send(_task_for(job.kind), job_id=job.job_id, queue=job.queue)
+
+    def start_heartbeat(self) -> None:
+        self.register()
+        self._thread = threading.Thread(target=self._run, name="lorastack-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.worker_heartbeat_s):
+            try:
+                self.beat()
+            except Exception:  # a database blip must not kill the heartbeat thread
+                log.exception("heartbeat failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            with unit_of_work(self.session_factory) as session:
+                session.execute(delete(Worker).where(Worker.id == self.worker_id))
+        except Exception:
+            log.exception("could not deregister worker")
+
+
+def _task_for(kind: str) -> str:
+    from service.queue import TASK_GENERATE, TASK_PING, TASK_TRAIN
+
+    return {"train": TASK_TRAIN, "generate": TASK_GENERATE}.get(kind, TASK_PING)
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def get_runtime() -> WorkerRuntime:
+    """The process's runtime, created on first use."""
+    global _runtime
+    if _runtime is None:
+        from celery import current_app
+
+        settings = get_settings()
+        engine = make_engine(settings.resolved_database_url)
+        _runtime = WorkerRuntime(
+            settings=settings,
+            session_factory=make_session_factory(engine),
+            store=ArtifactStore(settings.resolved_artifact_dir),
+            sender=TaskSender(current_app),
+        )
+    return _runtime

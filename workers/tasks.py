@@ -1,0 +1,32 @@
+"""Celery tasks: ids in, load, lease, call the engine, record. Nothing else lives here."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from service.db import unit_of_work
+from service.jobs import lifecycle
+from service.models import JobStatus
+from service.queue import TASK_PING
+from workers.celery_app import app
+from workers.runtime import get_runtime
+
+log = logging.getLogger("lorastack.worker")
+
+
+@app.task(name=TASK_PING)
+def ping(job_id: str) -> None:
+    """Round trip through Redis and SQL: lease the job and answer pong."""
+    rt = get_runtime()
+    with unit_of_work(rt.session_factory) as session:
+        job = lifecycle.take_lease(
+            session, job_id=job_id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
+        )
+        if job is None:
+            log.info("ping %s: not queued any more, skipping", job_id)
+            return
+        lifecycle.finish_job(
+            session, job_id=job_id, owner=rt.worker_id, status=JobStatus.SUCCEEDED,
+            result={"pong": True, "worker": rt.worker_id, "hostname": socket.gethostname()},
+        )
