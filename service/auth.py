@@ -40,7 +40,9 @@ def create_api_key(session: Session, *, tenant_name: str, name: str | None = Non
     """Create a key for ``tenant_name`` (creating the tenant if needed); returns the secret."""
     tenant = get_or_create_tenant(session, tenant_name)
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(secret), prefix=secret[:8], name=name))
+    session.add(
+        ApiKey(tenant_id=tenant.id, key_hash=hash_key(secret), prefix=secret[:8], name=name)
+    )
     session.flush()
     return secret
 

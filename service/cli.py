@@ -94,8 +94,15 @@ def ensure_tiny_model(settings: Settings) -> None:
         return
     print(f"building the tiny base model in {settings.tiny_model_dir} ...", flush=True)
     subprocess.run(
-        [sys.executable, "-m", "service.cli", "init-model", "--preset", "tiny",
-         str(settings.tiny_model_dir)],
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "init-model",
+            "--preset",
+            "tiny",
+            str(settings.tiny_model_dir),
+        ],
         check=True,
     )
 
@@ -136,12 +143,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     check_database(settings)
+    # uvicorn re-raises the signal that stopped it; with these handlers that unwinds through
+    # the finally below, so the worker and Redis are always stopped too.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     embedded: EmbeddedRedis | None = None
     worker: subprocess.Popen[bytes] | None = None
     try:
         if settings.embedded_redis:
-            embedded = EmbeddedRedis(socket_path=settings.embedded_redis_socket,
-                                     data_dir=settings.data_dir.resolve())
+            embedded = EmbeddedRedis(
+                socket_path=settings.embedded_redis_socket, data_dir=settings.data_dir.resolve()
+            )
             try:
                 embedded.start()
             except EmbeddedRedisError as exc:
@@ -164,8 +176,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"  try:      curl -H 'Authorization: Bearer {key}' {url}/readyz", flush=True)
         print(f"API key: {key}", flush=True)
         server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host=args.host, port=args.port,
-                           log_level=args.log_level, lifespan="on")
+            uvicorn.Config(
+                create_app(settings),
+                host=args.host,
+                port=args.port,
+                log_level=args.log_level,
+                lifespan="on",
+            )
         )
         server.run()  # returns on SIGINT/SIGTERM after a graceful shutdown
     finally:
@@ -181,6 +198,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print("lorastack stopped", flush=True)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     import socket
 
@@ -193,11 +214,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
         [
             "worker",
             f"--loglevel={args.log_level.upper()}",
-            "-Q", args.queues,
+            "-Q",
+            args.queues,
             # One process per GPU: the task runs in the process that holds the warm model.
             "--pool=solo",
-            "-n", f"lorastack-{os.getpid()}@{socket.gethostname()}",
-            "--without-gossip", "--without-mingle",
+            "-n",
+            f"lorastack-{os.getpid()}@{socket.gethostname()}",
+            "--without-gossip",
+            "--without-mingle",
         ]
     )
 
@@ -249,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", default="info")
     worker.set_defaults(func=cmd_worker)
 
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
     create = keys.add_parser("create", help="create a key; the key alone is the last line")
     create.add_argument("--tenant", required=True)
     create.add_argument("--name")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL_NAME = "tiny"
 
@@ -46,7 +46,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="redis://host:port/db; unset = embedded Redis in the data dir"
     )
-    base_models: dict[str, str] = Field(
+    redis_key_prefix: str = Field(
+        default="",
+        description="prefix for every broker key, to share one Redis between deployments",
+    )
+    base_models: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="JSON object name -> hub id or local folder; the first one is the default",
     )

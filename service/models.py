@@ -222,7 +222,9 @@ class AdapterAliasEvent(Base):
     __tablename__ = "adapter_alias_event"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    adapter_id: Mapped[str] = mapped_column(ForeignKey("adapter.id", ondelete="CASCADE"), index=True)
+    adapter_id: Mapped[str] = mapped_column(
+        ForeignKey("adapter.id", ondelete="CASCADE"), index=True
+    )
     alias: Mapped[str] = mapped_column(String(100))
     from_version: Mapped[int | None] = mapped_column(Integer)
     to_version: Mapped[int | None] = mapped_column(Integer)

@@ -117,8 +117,11 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
-            {"field": _field_path(err.get("loc", ())), "message": err.get("msg", ""),
-             "type": err.get("type", "")}
+            {
+                "field": _field_path(err.get("loc", ())),
+                "message": err.get("msg", ""),
+                "type": err.get("type", ""),
+            }
             for err in exc.errors()
         ]
         first = errors[0] if errors else {"field": "", "message": "invalid request"}

@@ -28,6 +28,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {
             # Longer than the longest task; lost workers are recovered sooner by the SQL reaper.
             "visibility_timeout": settings.visibility_timeout_s,
+            **(
+                {"global_keyprefix": settings.redis_key_prefix} if settings.redis_key_prefix else {}
+            ),
         },
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -37,7 +40,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        "task_queues": [
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ],
         "task_default_queue": GENERATE_QUEUE,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,

@@ -65,7 +65,9 @@ class WorkerRuntime:
             )
             if job_id:
                 lifecycle.renew_lease(
-                    session, job_id=job_id, owner=self.worker_id,
+                    session,
+                    job_id=job_id,
+                    owner=self.worker_id,
                     lease_s=self.settings.job_lease_s,
                 )
             requeued = lifecycle.reap_stale_jobs(session)

@@ -27,6 +27,9 @@ def ping(job_id: str) -> None:
             log.info("ping %s: not queued any more, skipping", job_id)
             return
         lifecycle.finish_job(
-            session, job_id=job_id, owner=rt.worker_id, status=JobStatus.SUCCEEDED,
+            session,
+            job_id=job_id,
+            owner=rt.worker_id,
+            status=JobStatus.SUCCEEDED,
             result={"pong": True, "worker": rt.worker_id, "hostname": socket.gethostname()},
         )

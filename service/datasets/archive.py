@@ -8,6 +8,7 @@ names are validated but never used as paths on disk.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 import stat
 import struct
@@ -82,9 +83,10 @@ class SafeArchive:
         self, member: ArchiveMember, *, stop_after: int, head_only: bool = False
     ) -> tuple[bytes, bool]:
         limits = self._limits
-        # Let zipfile read past the header's size so that our own count decides where to stop.
+        # Let zipfile read well past the header's size (it stops, and checks the CRC, once it
+        # has produced file_size bytes) so that our own count decides where to stop.
         unbounded = copy.copy(member.info)
-        unbounded.file_size = max(stop_after, limits.max_file_bytes) + 1
+        unbounded.file_size = max(stop_after, limits.max_file_bytes) + 2 * _READ_CHUNK
         chunks: list[bytes] = []
         produced = 0
         ratio_base = max(member.info.compress_size, 1)
@@ -316,11 +318,10 @@ def _reject_overlapping_entries(infos: list[zipfile.ZipInfo]) -> None:
         )
         for info in infos
     )
-    for (_, end, name), (next_start, _, _) in zip(spans, spans[1:], strict=False):
+    for (_, end, name), (next_start, _, _) in itertools.pairwise(spans):
         if next_start < end:
             raise DatasetRejected(
                 422,
                 "overlapping_entries",
                 f"entry {name[:200]!r} overlaps the next entry's data",
             )
-

@@ -6,6 +6,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from PIL import Image, ImageOps
 
@@ -24,7 +25,21 @@ IMAGE_KINDS: dict[str, tuple[str, str]] = {
 # Extensions that say "this was meant to be an image"; a file with one of these names whose
 # content is not JPEG, PNG or WebP is reported as undecodable rather than silently ignored.
 IMAGE_LIKE_EXTENSIONS = frozenset(
-    {"jpg", "jpeg", "jpe", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff", "heic", "heif", "avif"}
+    {
+        "jpg",
+        "jpeg",
+        "jpe",
+        "jfif",
+        "png",
+        "webp",
+        "gif",
+        "bmp",
+        "tif",
+        "tiff",
+        "heic",
+        "heif",
+        "avif",
+    }
 )
 _ARCHIVE_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"PK\x03\x04", "zip"),
@@ -78,9 +93,7 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageFacts:
     if kind is None:
         raise ImageDecodeError("content is not JPEG, PNG or WebP")
     rgb = _decode_rgb(io.BytesIO(data), allowed_kind=kind, max_pixels=max_pixels)
-    return ImageFacts(
-        kind=kind, extension=IMAGE_KINDS[kind][1], width=rgb.width, height=rgb.height
-    )
+    return ImageFacts(kind=kind, extension=IMAGE_KINDS[kind][1], width=rgb.width, height=rgb.height)
 
 
 def open_image_rgb(path: Path, *, max_pixels: int | None = None) -> Image.Image:
@@ -116,7 +129,7 @@ def make_thumbnail(image_path: Path, *, max_side: int = 256) -> bytes:
 
 
 def _decode_rgb(
-    file: io.BufferedIOBase | io.BytesIO,
+    file: IO[bytes],
     *,
     allowed_kind: str,
     max_pixels: int,

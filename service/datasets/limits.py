@@ -29,8 +29,9 @@ class DatasetLimits:
     max_image_pixels: int = 40_000_000
     # One caption file (.txt / .caption), in bytes of UTF-8.
     max_caption_bytes: int = 16 * 1024
-    # One metadata file (captions.jsonl, metadata.jsonl, metadata.csv, results.csv).
-    max_metadata_bytes: int = 64 * MiB
+    # One metadata file (captions.jsonl, metadata.jsonl, metadata.csv, results.csv); a file
+    # over max_file_bytes is refused whole before this per-file cap applies.
+    max_metadata_bytes: int = 32 * MiB
     # A zip member name, in bytes of UTF-8.
     max_name_bytes: int = 1024
     # Captions kept for one image (Flickr30k has 5).

@@ -118,9 +118,15 @@ def list_workers(request: Request, uow: UoW, caller: Caller) -> WorkerList:
     return WorkerList(
         data=[
             WorkerOut(
-                id=w.id, hostname=w.hostname, queues=w.queues, base_model=w.base_model,
-                device=w.device, current_job_id=w.current_job_id, info=w.info,
-                started_at=w.started_at, heartbeat_at=w.heartbeat_at,
+                id=w.id,
+                hostname=w.hostname,
+                queues=w.queues,
+                base_model=w.base_model,
+                device=w.device,
+                current_job_id=w.current_job_id,
+                info=w.info,
+                started_at=w.started_at,
+                heartbeat_at=w.heartbeat_at,
             )
             for w in rows
         ]

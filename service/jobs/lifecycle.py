@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, Executable, func, select, update
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
 from service.models import FINAL_JOB_STATUSES, Job, JobEvent, JobStatus
+
+
+def _changed(session: Session, statement: Executable) -> int:
+    """Rows matched by a conditional UPDATE (1 = we won the transition)."""
+    result = cast(CursorResult[Any], session.execute(statement))
+    return int(result.rowcount)
+
 
 RUNNING_STATES = (JobStatus.RUNNING.value, JobStatus.CANCEL_REQUESTED.value)
 
@@ -65,7 +72,8 @@ def add_event(
 def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> Job | None:
     """Claim a queued job. Returns None when it is not queued (taken, cancelled, finished)."""
     now = utcnow()
-    claimed = session.execute(
+    claimed = _changed(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
         .values(
@@ -76,26 +84,31 @@ def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> 
             attempts=Job.attempts + 1,
             started_at=func.coalesce(Job.started_at, now),
         )
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if claimed != 1:
         return None
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
-    add_event(session, job_id=job_id, type="state",
-              data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner})
+    add_event(
+        session,
+        job_id=job_id,
+        type="state",
+        data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
+    )
     return job
 
 
 def renew_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> str | None:
     """Heartbeat a held job; returns its status (to see a cancel), or None if the lease was lost."""
     now = utcnow()
-    renewed = session.execute(
+    renewed = _changed(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(RUNNING_STATES))
         .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if renewed != 1:
         return None
     return session.scalar(select(Job.status).where(Job.id == job_id))
@@ -124,19 +137,25 @@ def finish_job(
     if error_code is not None:
         values["error_code"] = error_code
         values["error_message"] = error_message
-    done = session.execute(
+    done = _changed(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(RUNNING_STATES))
         .values(**values)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if done != 1:
         return False
     data: dict[str, Any] = {"status": status.value}
     if error_code:
         data["error"] = {"code": error_code, "message": error_message}
-    add_event(session, job_id=job_id, type="state", data=data,
-              level="error" if status is JobStatus.FAILED else "info")
+    add_event(
+        session,
+        job_id=job_id,
+        type="state",
+        data=data,
+        level="error" if status is JobStatus.FAILED else "info",
+    )
     return True
 
 
@@ -144,15 +163,17 @@ def request_cancel(session: Session, *, job: Job) -> None:
     """Cancel a queued job at once; ask a running one to stop at its next step."""
     now = utcnow()
     if job.status == JobStatus.QUEUED.value:
-        changed = session.execute(
+        changed = _changed(
+            session,
             update(Job)
             .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
             .values(status=JobStatus.CANCELLED.value, finished_at=now, cancel_requested_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
         if changed:
-            add_event(session, job_id=job.id, type="state",
-                      data={"status": JobStatus.CANCELLED.value})
+            add_event(
+                session, job_id=job.id, type="state", data={"status": JobStatus.CANCELLED.value}
+            )
             session.refresh(job)
             return
         session.refresh(job)
@@ -163,8 +184,9 @@ def request_cancel(session: Session, *, job: Job) -> None:
             .values(status=JobStatus.CANCEL_REQUESTED.value, cancel_requested_at=now)
             .execution_options(synchronize_session=False)
         )
-        add_event(session, job_id=job.id, type="state",
-                  data={"status": JobStatus.CANCEL_REQUESTED.value})
+        add_event(
+            session, job_id=job.id, type="state", data={"status": JobStatus.CANCEL_REQUESTED.value}
+        )
         session.refresh(job)
 
 
@@ -186,37 +208,71 @@ def reap_stale_jobs(session: Session, *, now: datetime | None = None) -> list[Re
     ).all()
     requeued: list[Requeued] = []
     for job in stale:
-        base = update(Job).where(
-            Job.id == job.id,
-            Job.status == job.status,
-            Job.lease_owner == job.lease_owner,
-            Job.lease_expires_at < now,
-        ).execution_options(synchronize_session=False)
+        base = (
+            update(Job)
+            .where(
+                Job.id == job.id,
+                Job.status == job.status,
+                Job.lease_owner == job.lease_owner,
+                Job.lease_expires_at < now,
+            )
+            .execution_options(synchronize_session=False)
+        )
         lost = {"worker": job.lease_owner, "attempt": job.attempts}
         if job.status == JobStatus.CANCEL_REQUESTED.value:
-            if session.execute(base.values(
-                status=JobStatus.CANCELLED.value, finished_at=now,
-                lease_owner=None, lease_expires_at=None,
-            )).rowcount:
-                add_event(session, job_id=job.id, type="state",
-                          data={"status": JobStatus.CANCELLED.value, **lost})
-        elif job.attempts >= job.max_attempts:
-            if session.execute(base.values(
-                status=JobStatus.FAILED.value, finished_at=now,
-                lease_owner=None, lease_expires_at=None,
-                error_code="worker_lost",
-                error_message=(
-                    f"the worker running this job was lost {job.attempts} times "
-                    f"(attempt cap {job.max_attempts})"
+            if _changed(
+                session,
+                base.values(
+                    status=JobStatus.CANCELLED.value,
+                    finished_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
                 ),
-            )).rowcount:
-                add_event(session, job_id=job.id, type="state", level="error",
-                          data={"status": JobStatus.FAILED.value, **lost})
-        elif session.execute(base.values(
-            status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None, queued_at=now,
-        )).rowcount:
-            add_event(session, job_id=job.id, type="state", level="warning",
-                      data={"status": JobStatus.QUEUED.value, "reason": "worker_lost", **lost})
+            ):
+                add_event(
+                    session,
+                    job_id=job.id,
+                    type="state",
+                    data={"status": JobStatus.CANCELLED.value, **lost},
+                )
+        elif job.attempts >= job.max_attempts:
+            if _changed(
+                session,
+                base.values(
+                    status=JobStatus.FAILED.value,
+                    finished_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    error_code="worker_lost",
+                    error_message=(
+                        f"the worker running this job was lost {job.attempts} times "
+                        f"(attempt cap {job.max_attempts})"
+                    ),
+                ),
+            ):
+                add_event(
+                    session,
+                    job_id=job.id,
+                    type="state",
+                    level="error",
+                    data={"status": JobStatus.FAILED.value, **lost},
+                )
+        elif _changed(
+            session,
+            base.values(
+                status=JobStatus.QUEUED.value,
+                lease_owner=None,
+                lease_expires_at=None,
+                queued_at=now,
+            ),
+        ):
+            add_event(
+                session,
+                job_id=job.id,
+                type="state",
+                level="warning",
+                data={"status": JobStatus.QUEUED.value, "reason": "worker_lost", **lost},
+            )
             requeued.append(Requeued(job_id=job.id, queue=job.queue, kind=job.kind))
     return requeued
 
@@ -226,7 +282,9 @@ def queue_position(session: Session, job: Job) -> int | None:
     if job.status != JobStatus.QUEUED.value:
         return None
     ahead = session.scalar(
-        select(func.count()).select_from(Job).where(
+        select(func.count())
+        .select_from(Job)
+        .where(
             Job.queue == job.queue,
             Job.status == JobStatus.QUEUED.value,
             Job.queued_at < job.queued_at,

@@ -30,12 +30,18 @@ def list_jobs_route(
     status: Annotated[JobStatus | None, Query()] = None,
 ) -> JobList:
     rows, has_more = list_jobs(
-        uow.session, tenant_id=caller.tenant_id, limit=page.limit, after=page.after,
-        kind=kind.value if kind else None, status=status.value if status else None,
+        uow.session,
+        tenant_id=caller.tenant_id,
+        limit=page.limit,
+        after=page.after,
+        kind=kind.value if kind else None,
+        status=status.value if status else None,
     )
     return JobList(
-        data=[JobOut.from_row(j, queue_position=lifecycle.queue_position(uow.session, j))
-              for j in rows],
+        data=[
+            JobOut.from_row(j, queue_position=lifecycle.queue_position(uow.session, j))
+            for j in rows
+        ],
         has_more=has_more,
     )
 
@@ -120,8 +126,7 @@ async def _stream_events(
         await asyncio.sleep(poll_s)
 
 
-@router.post("/ping", operation_id="ping", response_model=JobOut, status_code=200,
-             tags=["health"])
+@router.post("/ping", operation_id="ping", response_model=JobOut, status_code=200, tags=["health"])
 async def ping_route(
     uow: UoW,
     caller: Caller,
@@ -133,7 +138,10 @@ async def ping_route(
 
     def create() -> str:
         job = lifecycle.create_job(
-            uow.session, tenant_id=caller.tenant_id, kind=JobKind.PING.value, queue=queue,
+            uow.session,
+            tenant_id=caller.tenant_id,
+            kind=JobKind.PING.value,
+            queue=queue,
             max_attempts=1,
         )
         job_id = job.id
@@ -144,6 +152,7 @@ async def ping_route(
     job_id = await run_in_threadpool(create)
     deadline = time.monotonic() + wait
     while True:
+
         def read() -> JobOut:
             uow.session.expire_all()
             job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)

@@ -77,8 +77,13 @@ class JobEventOut(BaseModel):
 
     @classmethod
     def from_row(cls, event: JobEvent) -> JobEventOut:
-        return cls(seq=event.seq, type=event.type, level=event.level, data=event.data,
-                   created_at=event.created_at)
+        return cls(
+            seq=event.seq,
+            type=event.type,
+            level=event.level,
+            data=event.data,
+            created_at=event.created_at,
+        )
 
 
 class JobEventList(BaseModel):

@@ -168,7 +168,12 @@ def build_pipeline_folder(preset: Preset, out_dir: Path, *, seed: int = 0) -> Pa
     The folder loads with ``StableDiffusionPipeline.from_pretrained(out_dir)``.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if preset not in PRESETS:
@@ -191,5 +196,5 @@ def build_pipeline_folder(preset: Preset, out_dir: Path, *, seed: int = 0) -> Pa
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[attr-defined]
     return out_dir

@@ -21,6 +21,7 @@ Two modes:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -128,8 +129,11 @@ class LoraSlotPool:
         config = LoraConfig(
             r=self.max_rank, lora_alpha=self.max_rank, lora_dropout=0.0, target_modules=targets
         )
-        for slot in self.slot_names:
-            inject_adapter_in_model(config, model, adapter_name=slot)
+        with warnings.catch_warnings():
+            # peft warns that a model gets several adapters: several slots are the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for slot in self.slot_names:
+                inject_adapter_in_model(config, model, adapter_name=slot)
         model.requires_grad_(False)
         for name, module in model.named_modules():
             if not isinstance(module, LoraLayer):

@@ -130,7 +130,9 @@ class TrainConfig:
         if self.validation_every is not None:
             _positive_int(self, "validation_every")
             if not self.validation_prompts:
-                raise ConfigError("validation_prompts", "validation_every needs at least one prompt")
+                raise ConfigError(
+                    "validation_prompts", "validation_every needs at least one prompt"
+                )
         _positive_int(self, "validation_inference_steps")
         _number(self, "weight_decay")
         if self.weight_decay < 0:

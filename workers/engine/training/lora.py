@@ -163,7 +163,9 @@ def save_adapter(
         # transformers 5 loads a text encoder's DoRA magnitude only under "<...>.weight" (what
         # diffusers 0.42 hands it unchanged); peft's state dict leaves the suffix off.
         text_layers = {
-            (k + ".weight" if k.endswith(_MAGNITUDE) else k): v.detach().to("cpu", dtype).contiguous()
+            (k + ".weight" if k.endswith(_MAGNITUDE) else k): v.detach()
+            .to("cpu", dtype)
+            .contiguous()
             for k, v in text_layers.items()
         }
     StableDiffusionPipeline.save_lora_weights(
@@ -186,7 +188,9 @@ def load_adapter_into(
 ) -> None:
     """Set the LoRA weights of models that already carry the same adapter from ``path``."""
     state = load_file(str(path))
-    unet_state = {k.removeprefix(UNET_PREFIX): v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    unet_state = {
+        k.removeprefix(UNET_PREFIX): v for k, v in state.items() if k.startswith(UNET_PREFIX)
+    }
     _set_exactly(unet, convert_unet_state_dict_to_peft(unet_state))
     text_state = {
         k.removeprefix(TEXT_ENCODER_PREFIX): v
@@ -194,10 +198,16 @@ def load_adapter_into(
         if k.startswith(TEXT_ENCODER_PREFIX)
     }
     if text_state:
-        text_state = {k.removesuffix(_MAGNITUDE + ".weight") + (_MAGNITUDE if k.endswith(_MAGNITUDE + ".weight") else ""): v for k, v in text_state.items()}
+        text_state = {_peft_magnitude_key(k): v for k, v in text_state.items()}
         if text_encoder is None:
             raise ValueError(f"{path} holds text encoder LoRA layers but none is being trained")
         _set_exactly(text_encoder, convert_state_dict_to_peft(text_state))
+
+
+def _peft_magnitude_key(key: str) -> str:
+    if key.endswith(_MAGNITUDE + ".weight"):
+        return key.removesuffix(".weight")
+    return key
 
 
 def _set_exactly(model: torch.nn.Module, peft_state: dict[str, torch.Tensor]) -> None:

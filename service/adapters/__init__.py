@@ -1,0 +1,1 @@
+"""LoRA adapter files: capped safetensors parsing, format conversion and the import lint."""
