@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.datasets.limits import DatasetLimits
 
 TINY_MODEL_NAME = "tiny"
 
@@ -65,6 +68,10 @@ class Settings(BaseSettings):
 
     # Limits.
     max_upload_bytes: int = 512 * 1024 * 1024
+    dataset_limits: Annotated[dict[str, int | float], NoDecode] = Field(
+        default_factory=dict,
+        description='JSON object overriding dataset caps, e.g. {"max_entries": 1000}',
+    )
     page_limit_max: int = 200
 
     @field_validator("base_models", mode="before")
@@ -76,6 +83,29 @@ class Settings(BaseSettings):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"must be a JSON object name -> hub id or folder ({exc})") from exc
         return value
+
+    @field_validator("dataset_limits", mode="before")
+    @classmethod
+    def _parse_dataset_limits(cls, value: Any) -> Any:
+        from service.datasets.limits import DatasetLimits
+
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a JSON object ({exc})") from exc
+        known = set(DatasetLimits.__dataclass_fields__)
+        unknown = sorted(set(value) - known) if isinstance(value, dict) else []
+        if unknown:
+            raise ValueError(f"unknown dataset limit(s) {unknown}; known: {sorted(known)}")
+        return value
+
+    def dataset_caps(self) -> DatasetLimits:
+        """The dataset caps in force (max_upload_bytes comes from its own setting)."""
+        from service.datasets.limits import DatasetLimits
+
+        caps: dict[str, Any] = {**self.dataset_limits, "max_upload_bytes": self.max_upload_bytes}
+        return DatasetLimits(**caps)
 
     @field_validator("env")
     @classmethod

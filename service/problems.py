@@ -53,6 +53,13 @@ class Unprocessable(ServiceError):
     code = "validation_error"
 
 
+def field_error(field: str, message: str, *, code: str = "validation_error") -> Unprocessable:
+    """A 422 naming the offending field, shaped like request validation errors."""
+    return Unprocessable(
+        f"{field}: {message}", code=code, extra={"errors": [{"field": field, "message": message}]}
+    )
+
+
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"

@@ -213,9 +213,12 @@ def client(stack: Stack) -> Iterator[TestClient]:
         yield test_client
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def worker(stack: Stack) -> subprocess.Popen[bytes]:
-    """One real worker process for the session (both queues)."""
+    """A live real worker process (both queues), shared by tests while it stays alive."""
+    for proc in stack.workers:
+        if proc.poll() is None:
+            return proc
     return stack.start_worker()
 
 
@@ -234,3 +237,38 @@ def auth(stack: Stack) -> dict[str, str]:
 @pytest.fixture
 def other_auth(stack: Stack) -> dict[str, str]:
     return new_tenant_headers(stack)
+
+
+def make_pairs_zip(count: int = 6, *, size: int = 64) -> bytes:
+    """A small dataset zip in the pairs layout: distinct coloured shapes with captions."""
+    import io
+    import zipfile
+
+    from PIL import Image, ImageDraw
+
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "white"]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(count):
+            colour = colours[i % len(colours)]
+            image = Image.new("RGB", (size, size), "black")
+            draw = ImageDraw.Draw(image)
+            inset = 8 + (i % 3) * 4
+            draw.rectangle([inset, inset, size - inset, size - inset], fill=colour)
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            archive.writestr(f"img_{i:02d}.png", png.getvalue())
+            archive.writestr(f"img_{i:02d}.txt", f"a {colour} square")
+    return buffer.getvalue()
+
+
+def upload_dataset(client: TestClient, auth: dict[str, str], *, count: int = 6) -> str:
+    response = client.post(
+        "/datasets",
+        headers=auth,
+        data={"name": "squares"},
+        files={"file": ("squares.zip", make_pairs_zip(count), "application/zip")},
+    )
+    assert response.status_code == 201, response.text
+    dataset_id: str = response.json()["id"]
+    return dataset_id

@@ -16,9 +16,19 @@ app.conf.update(celery_config(get_settings()))
 
 @worker_ready.connect
 def _start_heartbeat(**_: Any) -> None:
+    from workers.engine.device import detect_device
     from workers.runtime import get_runtime
 
-    get_runtime().start_heartbeat()
+    runtime = get_runtime()
+    device = detect_device()
+    runtime.info.update(
+        {
+            "device": device.device,
+            "device_name": device.name,
+            "mixed_precision": list(device.mixed_precision),
+        }
+    )
+    runtime.start_heartbeat()
 
 
 @worker_shutdown.connect

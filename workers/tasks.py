@@ -8,7 +8,7 @@ import socket
 from service.db import unit_of_work
 from service.jobs import lifecycle
 from service.models import JobStatus
-from service.queue import TASK_PING
+from service.queue import TASK_PING, TASK_TRAIN
 from workers.celery_app import app
 from workers.runtime import get_runtime
 
@@ -33,3 +33,11 @@ def ping(job_id: str) -> None:
             status=JobStatus.SUCCEEDED,
             result={"pong": True, "worker": rt.worker_id, "hostname": socket.gethostname()},
         )
+
+
+@app.task(name=TASK_TRAIN)
+def train(job_id: str) -> None:
+    """Train a LoRA for the job and publish it as the adapter's next version."""
+    from workers.training import run_training_job
+
+    run_training_job(get_runtime(), job_id)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, BinaryIO, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,7 @@ from service import __version__ as LORASTACK_VERSION
 
 Array = npt.NDArray[Any]
 AdapterFormat = Literal["diffusers", "peft", "kohya", "kohya_ldm"]
+SourceFamily = Literal["diffusers", "peft", "kohya"]
 AlphaSource = Literal["tensors", "header_metadata", "default_rank", "mixed"]
 
 
@@ -271,8 +272,6 @@ def _parse_header(
     try:
         parsed = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except (ValueError, RecursionError) as exc:
-        if isinstance(exc, InvalidAdapterFile):
-            raise
         raise _invalid(AdapterErrorCode.INVALID_HEADER, "header is not valid JSON") from exc
     if not isinstance(parsed, dict):
         raise _invalid(AdapterErrorCode.INVALID_HEADER, "header is not a JSON object")
@@ -294,6 +293,14 @@ def _parse_header(
     )
 
 
+def _read_header_from(
+    handle: BinaryIO, file_size: int, limits: SafetensorsLimits
+) -> SafetensorsHeader:
+    header_len = _check_prefix(handle.read(8), file_size, limits)
+    raw = handle.read(header_len)
+    return _parse_header(raw, header_len=header_len, file_size=file_size, limits=limits)
+
+
 def read_safetensors_header(
     source: bytes | Path, *, limits: SafetensorsLimits = ADAPTER_LIMITS
 ) -> SafetensorsHeader:
@@ -301,17 +308,10 @@ def read_safetensors_header(
     if isinstance(source, bytes | bytearray | memoryview):
         view = memoryview(source)
         header_len = _check_prefix(bytes(view[:8]), len(view), limits)
-        return _parse_header(
-            bytes(view[8 : 8 + header_len]),
-            header_len=header_len,
-            file_size=len(view),
-            limits=limits,
-        )
+        raw = bytes(view[8 : 8 + header_len])
+        return _parse_header(raw, header_len=header_len, file_size=len(view), limits=limits)
     with Path(source).open("rb") as handle:
-        file_size = os.fstat(handle.fileno()).st_size
-        header_len = _check_prefix(handle.read(8), file_size, limits)
-        raw = handle.read(header_len)
-    return _parse_header(raw, header_len=header_len, file_size=file_size, limits=limits)
+        return _read_header_from(handle, os.fstat(handle.fileno()).st_size, limits)
 
 
 def _decode_tensor(data: memoryview, info: TensorInfo) -> Array:
@@ -325,11 +325,7 @@ def _decode_tensor(data: memoryview, info: TensorInfo) -> Array:
     return raw.astype(raw.dtype.newbyteorder("="), copy=True).reshape(info.shape)
 
 
-def read_safetensors(
-    source: bytes | Path, *, limits: SafetensorsLimits = ADAPTER_LIMITS
-) -> SafetensorsFile:
-    """Read a safetensors adapter file; every header check runs before tensor data is read."""
-    header = read_safetensors_header(source, limits=limits)
+def _check_float_dtypes(header: SafetensorsHeader) -> None:
     non_float = sorted(
         f"{name} ({info.dtype})"
         for name, info in header.tensors.items()
@@ -341,11 +337,21 @@ def read_safetensors(
             AdapterErrorCode.UNSUPPORTED_DTYPE,
             f"adapter tensors must be F16, BF16, F32 or F64: {shown}",
         )
+
+
+def read_safetensors(
+    source: bytes | Path, *, limits: SafetensorsLimits = ADAPTER_LIMITS
+) -> SafetensorsFile:
+    """Read a safetensors adapter file; every header check runs before tensor data is read."""
+    data: memoryview
     if isinstance(source, bytes | bytearray | memoryview):
+        header = read_safetensors_header(source, limits=limits)
+        _check_float_dtypes(header)
         data = memoryview(source)[header.data_start :]
     else:
         with Path(source).open("rb") as handle:
-            handle.seek(header.data_start)
+            header = _read_header_from(handle, os.fstat(handle.fileno()).st_size, limits)
+            _check_float_dtypes(header)
             data = memoryview(handle.read(header.file_size - header.data_start))
         if len(data) != header.file_size - header.data_start:
             raise _invalid(AdapterErrorCode.TRUNCATED, "file shrank while it was being read")
@@ -598,11 +604,10 @@ def ldm_block_map(unet_config: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     layers = unet_config.get("layers_per_block")
     down_types = unet_config.get("down_block_types")
     up_types = unet_config.get("up_block_types")
-    if not _is_int(layers) or not isinstance(down_types, list | tuple):
-        raise ValueError("UNet config needs an int layers_per_block and down_block_types")
-    if not isinstance(up_types, list | tuple):
-        raise ValueError("UNet config needs up_block_types")
-    assert isinstance(layers, int)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ValueError("UNet config needs a positive int layers_per_block")
+    if not isinstance(down_types, list | tuple) or not isinstance(up_types, list | tuple):
+        raise ValueError("UNet config needs down_block_types and up_block_types")
     mapping: dict[str, tuple[str, str]] = {}
     index = 1
     for block, block_type in enumerate(down_types):
@@ -679,25 +684,27 @@ class _PairKeys:
     alpha: str | None = None
 
 
-def _detect_format(keys: Iterable[str]) -> Literal["diffusers", "peft", "kohya"]:
-    kinds: set[str] = set()
-    for key in keys:
-        if key.startswith(tuple(_KOHYA_PREFIXES)):
-            kinds.add("kohya")
-        elif key.split(".", 1)[0] in COMPONENTS:
-            kinds.add("diffusers")
-        elif key.startswith(_PEFT_PREFIX) or ".lora_A." in key or ".lora_B." in key:
-            kinds.add("peft")
-        else:
-            kinds.add("unknown")
-    if len(kinds) == 1 and "unknown" not in kinds:
-        found = kinds.pop()
-        assert found in ("diffusers", "peft", "kohya")
-        return found  # type: ignore[return-value]
+def _key_family(key: str) -> SourceFamily | None:
+    if key.startswith(tuple(_KOHYA_PREFIXES)):
+        return "kohya"
+    if key.split(".", 1)[0] in COMPONENTS:
+        return "diffusers"
+    if key.startswith(_PEFT_PREFIX) or ".lora_A." in key or ".lora_B." in key:
+        return "peft"
+    return None
+
+
+def _detect_format(keys: Iterable[str]) -> SourceFamily:
+    families = {_key_family(key) for key in keys}
+    if len(families) == 1:
+        (family,) = families
+        if family is not None:
+            return family
+    found = sorted(family or "unknown" for family in families)
     raise _invalid(
         AdapterErrorCode.UNKNOWN_FORMAT,
         "keys are neither all diffusers (unet./text_encoder.), all peft (base_model.model.) "
-        f"nor all kohya (lora_unet_/lora_te_); found: {', '.join(sorted(kinds))}",
+        f"nor all kohya (lora_unet_/lora_te_); found: {', '.join(found)}",
     )
 
 
@@ -725,7 +732,7 @@ def _split_diffusers_key(component: str, rest: str) -> tuple[str, str] | None:
 
 def _group_keys(
     keys: Iterable[str],
-    fmt: Literal["diffusers", "peft", "kohya"],
+    fmt: SourceFamily,
     unet_config: Mapping[str, Any] | None,
 ) -> tuple[dict[tuple[str, str], _PairKeys], list[str], bool]:
     """Group file keys by (component, module path); return groups, ignored keys, LDM naming."""

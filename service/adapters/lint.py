@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from service.adapters.formats import (
+    ADAPTER_LIMITS,
     TEXT_ENCODER,
     UNET,
     AdapterErrorCode,
@@ -119,36 +120,37 @@ def read_base_model_layout(base_model_dir: Path) -> BaseModelLayout:
     config_path = Path(base_model_dir) / "unet" / "config.json"
     unet_config: dict[str, Any] | None = None
     if config_path.is_file():
-        loaded = json.loads(config_path.read_text(encoding="utf-8"))
+        try:
+            loaded = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise BaseModelLayoutError(f"{config_path} is not JSON") from exc
         unet_config = loaded if isinstance(loaded, dict) else None
     return BaseModelLayout(modules=modules, unet_config=unet_config)
 
 
-def _fit_to_base(module: LoraModule, base: Shape) -> tuple[LoraModule | None, str | None]:
-    """Check a LoRA pair against its base weight; reshape 1x1 conv <-> linear losslessly.
+class _ShapeMismatch(Exception):
+    pass
 
-    Returns (module to keep, None) or (None, reason for a shape mismatch).
-    """
+
+def _fit_to_base(module: LoraModule, base: Shape) -> LoraModule:
+    """Check a LoRA pair against its base weight; reshape 1x1 conv <-> linear losslessly."""
     down, up = module.down, module.up
-    note = None
     if len(base) == 4 and tuple(base[2:]) == (1, 1) and down.ndim == 2:
         down, up = down[:, :, None, None], up[:, :, None, None]
-        note = "linear LoRA on a 1x1 conv"
     elif len(base) == 2 and down.ndim == 4 and tuple(down.shape[2:]) == (1, 1):
         down, up = down[:, :, 0, 0], up[:, :, 0, 0]
-        note = "1x1 conv LoRA on a linear layer"
     out_features, in_features = base[0], base[1]
     expected_down: Shape = (module.rank, in_features, *base[2:])
     expected_up: Shape = (out_features, module.rank) + ((1, 1) if len(base) == 4 else ())
     if tuple(down.shape) != expected_down or tuple(up.shape) != expected_up:
-        return None, (
+        raise _ShapeMismatch(
             f"{module.name}: base weight {list(base)} needs lora_A {list(expected_down)} and "
             f"lora_B {list(expected_up)}, file has {list(module.down.shape)} and "
             f"{list(module.up.shape)}"
         )
-    if note is None:
-        return module, None
-    return dataclasses.replace(module, down=down, up=up), note
+    if down is module.down:
+        return module
+    return dataclasses.replace(module, down=down, up=up)
 
 
 def _listed(items: list[str]) -> str:
@@ -180,13 +182,14 @@ def _lint(file: SafetensorsFile, layout: BaseModelLayout) -> tuple[LoraAdapter, 
         if base is None:
             unmatched.append(module)
             continue
-        fitted, problem = _fit_to_base(module, base)
-        if fitted is None:
-            assert problem is not None
-            mismatches.append(problem)
+        try:
+            fitted = _fit_to_base(module, base)
+        except _ShapeMismatch as exc:
+            mismatches.append(str(exc))
             continue
-        if problem is not None:
-            reshaped.append(f"{name} ({problem})")
+        if fitted is not module:
+            kind = "1x1 conv" if fitted.down.ndim == 4 else "linear layer"
+            reshaped.append(f"{name} (reshaped to fit a {kind})")
         kept[name] = fitted
     report.matched_keys = sorted(k for m in kept.values() for k in m.source_keys)
     report.unmatched_keys = sorted(k for m in unmatched for k in m.source_keys)
@@ -210,7 +213,7 @@ def _lint(file: SafetensorsFile, layout: BaseModelLayout) -> tuple[LoraAdapter, 
             f"model and are dropped: {_listed([m.name for m in unmatched])}"
         )
     if reshaped:
-        report.warnings.append(f"reshaped without changing values: {_listed(reshaped)}")
+        report.warnings.append(f"values unchanged, shapes adapted: {_listed(reshaped)}")
     matched = dataclasses.replace(adapter, modules=kept)
     summary = describe(matched)
     report.rank, report.alpha = summary.rank, summary.alpha
@@ -243,7 +246,7 @@ def canonicalize(
         file = source
     else:
         try:
-            file = read_safetensors(source, limits=limits or SafetensorsLimits())
+            file = read_safetensors(source, limits=limits or ADAPTER_LIMITS)
         except InvalidAdapterFile as exc:
             raise AdapterLintError(exc.code, exc.message, LintReport(errors=[exc.message])) from exc
     matched, report = _lint(file, read_base_model_layout(base_model_dir))

@@ -7,16 +7,24 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import Caller, Paging, UoW
-from service.jobs import lifecycle
+from service import idempotency
+from service.deps import AppSettings, Caller, Paging, UoW
+from service.jobs import lifecycle, training
 from service.jobs.schemas import JobEventList, JobEventOut, JobList, JobOut
 from service.jobs.service import get_job, list_events, list_jobs
-from service.models import FINAL_JOB_STATUSES, JobKind, JobStatus
-from service.queue import QUEUES, TASK_PING
+from service.jobs.training_schemas import (
+    CheckpointList,
+    CheckpointOut,
+    TrainingPlanOut,
+    TrainJobCreate,
+)
+from service.models import FINAL_JOB_STATUSES, Checkpoint, Dataset, JobKind, JobStatus
+from service.queue import QUEUES, TASK_PING, TASK_TRAIN, TRAIN_QUEUE
 
 router = APIRouter(tags=["jobs"])
 
@@ -43,6 +51,92 @@ def list_jobs_route(
             for j in rows
         ],
         has_more=has_more,
+    )
+
+
+@router.post(
+    "/jobs",
+    operation_id="create_training_job",
+    status_code=201,
+    response_model=JobOut | TrainingPlanOut,
+    responses={200: {"model": TrainingPlanOut, "description": "the plan, for dry_run"}},
+)
+async def create_job_route(
+    body: TrainJobCreate,
+    request: Request,
+    response: Response,
+    uow: UoW,
+    caller: Caller,
+    settings: AppSettings,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut | TrainingPlanOut:
+    """Queue a LoRA training run on a dataset; its result becomes the adapter's next version."""
+
+    def validate() -> tuple[Dataset, str, str]:
+        return training.validate_training_request(
+            uow.session, settings=settings, tenant_id=caller.tenant_id, body=body
+        )
+
+    dataset, base_model, source = await run_in_threadpool(validate)
+    if body.dry_run:
+        response.status_code = 200
+        return await run_in_threadpool(
+            lambda: training.plan_training(
+                body=body, dataset=dataset, base_model=base_model, source=source
+            )
+        )
+
+    def create() -> JobOut:
+        scope = "POST /jobs"
+        request_hash = idempotency.hash_json(body.model_dump(mode="json"))
+        if idempotency_key:
+            existing = idempotency.lookup(
+                uow.session,
+                tenant_id=caller.tenant_id,
+                scope=scope,
+                key=idempotency_key,
+                request_hash=request_hash,
+            )
+            if existing is not None:
+                job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=existing)
+                return JobOut.from_row(
+                    job, queue_position=lifecycle.queue_position(uow.session, job)
+                )
+        job = training.create_training_job(
+            uow.session,
+            settings=settings,
+            tenant_id=caller.tenant_id,
+            body=body,
+            dataset=dataset,
+            base_model=base_model,
+        )
+        if idempotency_key:
+            idempotency.remember(
+                uow.session,
+                tenant_id=caller.tenant_id,
+                scope=scope,
+                key=idempotency_key,
+                request_hash=request_hash,
+                resource_id=job.id,
+            )
+        job_id = job.id
+        uow.after_commit(lambda: uow.sender.send(TASK_TRAIN, job_id=job_id, queue=TRAIN_QUEUE))
+        uow.commit()
+        return JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
+
+    return await run_in_threadpool(create)
+
+
+@router.get(
+    "/jobs/{job_id}/checkpoints", operation_id="list_job_checkpoints", response_model=CheckpointList
+)
+def list_checkpoints_route(job_id: str, uow: UoW, caller: Caller) -> CheckpointList:
+    job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
+    rows = uow.session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)
+    ).all()
+    return CheckpointList(
+        data=[CheckpointOut(step=r.step, metrics=r.metrics, created_at=r.created_at) for r in rows]
     )
 
 

@@ -38,7 +38,9 @@ def _draw_shape(colour: tuple[int, int, int], shape: str, size: int) -> Image.Im
     elif shape == "square":
         draw.rectangle(box, fill=colour)
     else:
-        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=colour)
+        draw.polygon(
+            [(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=colour
+        )
     return image
 
 

@@ -6,7 +6,7 @@ Imported by the test modules (tests/engine/conftest.py belongs to another packag
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,15 @@ LORA_SPECS: dict[str, RandomLoraSpec] = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_cpu_thread() -> Iterator[None]:
+    """One torch thread: on a small shared CPU more threads contend and run several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_pipeline_folder("tiny", tmp_path_factory.mktemp("tiny-sd"))
@@ -44,7 +53,9 @@ def lora_writer(tiny_pipeline_dir: Path) -> RandomLoraWriter:
 
 
 @pytest.fixture(scope="session")
-def lora_files(tmp_path_factory: pytest.TempPathFactory, lora_writer: RandomLoraWriter) -> dict[str, Path]:
+def lora_files(
+    tmp_path_factory: pytest.TempPathFactory, lora_writer: RandomLoraWriter
+) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("loras")
     return {
         name: lora_writer.write(out / f"{name}.safetensors", spec, seed=index + 1)
@@ -97,4 +108,3 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return int(psutil.Process().memory_info().rss)
-

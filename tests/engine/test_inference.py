@@ -17,6 +17,7 @@ from tests.engine.conftest_inference import (
     lora_writer,
     reference_images,
     reference_latents,
+    single_cpu_thread,
     tiny_pipeline_dir,
 )
 from workers.engine.inference import (
@@ -28,7 +29,7 @@ from workers.engine.inference import (
     load_lora_file,
 )
 
-__all__ = ["fresh_pipeline", "lora_files", "lora_writer", "tiny_pipeline_dir"]
+__all__ = ["fresh_pipeline", "lora_files", "lora_writer", "single_cpu_thread", "tiny_pipeline_dir"]
 
 PROMPT = "a photo of a cat"
 STEPS = 2
@@ -37,16 +38,35 @@ STEPS = 2
 LATENT_ATOL = 1e-3
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["dynamic", "static_graph"])
-def engine(request: pytest.FixtureRequest, tiny_pipeline_dir: Path) -> InferenceEngine:
+@pytest.fixture(scope="module")
+def engine(tiny_pipeline_dir: Path) -> InferenceEngine:
+    return InferenceEngine(pipeline_dir=tiny_pipeline_dir, max_active=3, max_rank=8)
+
+
+@pytest.fixture(scope="module")
+def static_engine(tiny_pipeline_dir: Path) -> InferenceEngine:
     return InferenceEngine(
-        pipeline_dir=tiny_pipeline_dir, max_active=3, max_rank=8, static_graph=request.param
+        pipeline_dir=tiny_pipeline_dir, max_active=3, max_rank=8, static_graph=True
     )
 
 
-def _request(adapters: list[AdapterRef], *, seed: int = 11, num_images: int = 1) -> GenerationRequest:
+@pytest.fixture(params=["dynamic", "static_graph"])
+def any_engine(request: pytest.FixtureRequest) -> InferenceEngine:
+    """Both slot modes: per-layer active lists, and a fixed graph with zero scales."""
+    name = "engine" if request.param == "dynamic" else "static_engine"
+    engine: InferenceEngine = request.getfixturevalue(name)
+    return engine
+
+
+def _request(
+    adapters: list[AdapterRef], *, seed: int = 11, num_images: int = 1
+) -> GenerationRequest:
     return GenerationRequest(
-        prompt=PROMPT, adapters=adapters, num_inference_steps=STEPS, seed=seed, num_images=num_images
+        prompt=PROMPT,
+        adapters=adapters,
+        num_inference_steps=STEPS,
+        seed=seed,
+        num_images=num_images,
     )
 
 
@@ -55,7 +75,7 @@ def _seeds(seed: int, count: int) -> list[int]:
 
 
 def test_two_adapters_match_fresh_pipeline_with_set_adapters(
-    engine: InferenceEngine,
+    any_engine: InferenceEngine,
     lora_files: dict[str, Path],
     fresh_pipeline: Callable[[], StableDiffusionPipeline],
 ) -> None:
@@ -67,7 +87,7 @@ def test_two_adapters_match_fresh_pipeline_with_set_adapters(
     expected = reference_latents(reference, prompt=PROMPT, seeds=_seeds(11, 2), steps=STEPS)
     expected_images = reference_images(reference, prompt=PROMPT, seeds=_seeds(11, 2), steps=STEPS)
 
-    result = engine.generate(
+    result = any_engine.generate(
         _request(
             [AdapterRef("a", lora_files["a"], 0.7), AdapterRef("b", lora_files["b"], 0.3)],
             num_images=2,
@@ -83,7 +103,9 @@ def test_two_adapters_match_fresh_pipeline_with_set_adapters(
         assert diff.max() <= 1
 
 
-@pytest.mark.parametrize(("name", "weight"), [("a", 1.0), ("b", 0.5), ("no_metadata", 0.8), ("text_only", 1.0)])
+@pytest.mark.parametrize(
+    ("name", "weight"), [("a", 1.0), ("b", 0.5), ("no_metadata", 0.8), ("text_only", 1.0)]
+)
 def test_single_adapter_matches_fresh_pipeline(
     engine: InferenceEngine,
     lora_files: dict[str, Path],
@@ -104,7 +126,7 @@ def test_single_adapter_matches_fresh_pipeline(
 
 
 def test_no_adapters_after_use_equals_pristine_base_exactly(
-    engine: InferenceEngine,
+    any_engine: InferenceEngine,
     lora_files: dict[str, Path],
     fresh_pipeline: Callable[[], StableDiffusionPipeline],
 ) -> None:
@@ -112,13 +134,15 @@ def test_no_adapters_after_use_equals_pristine_base_exactly(
     expected = reference_latents(reference, prompt=PROMPT, seeds=_seeds(3, 2), steps=STEPS)
     expected_images = reference_images(reference, prompt=PROMPT, seeds=_seeds(3, 2), steps=STEPS)
 
-    engine.generate(_request([AdapterRef("a", lora_files["a"], 1.0), AdapterRef("b", lora_files["b"], 1.0)]))
-    result = engine.generate(_request([], seed=3, num_images=2))
+    any_engine.generate(
+        _request([AdapterRef("a", lora_files["a"], 1.0), AdapterRef("b", lora_files["b"], 1.0)])
+    )
+    result = any_engine.generate(_request([], seed=3, num_images=2))
 
     assert torch.equal(result.latents, expected)
     for ours, theirs in zip(result.images, expected_images, strict=True):
         assert ours.tobytes() == theirs.tobytes()
-    assert engine.slots.active == ()
+    assert any_engine.slots.active == ()
 
 
 def test_slot_reuse_gives_the_same_output_as_a_first_switch(
@@ -160,7 +184,10 @@ def test_alpha_comes_from_metadata_or_defaults_to_rank(lora_files: dict[str, Pat
 
 
 def test_unservable_adapters_are_rejected(
-    engine: InferenceEngine, tiny_pipeline_dir: Path, lora_writer, tmp_path: Path  # noqa: ANN001
+    engine: InferenceEngine,
+    tiny_pipeline_dir: Path,
+    lora_writer,
+    tmp_path: Path,
 ) -> None:
     from workers.engine.inference.random_lora import RandomLoraSpec
 
@@ -201,7 +228,9 @@ def test_schedulers_swap_without_reload(
 ) -> None:
     outputs = {}
     for name in SCHEDULER_NAMES:
-        request = GenerationRequest(prompt=PROMPT, num_inference_steps=3, seed=9, scheduler=name)
+        request = GenerationRequest(
+            prompt=PROMPT, num_inference_steps=STEPS, seed=9, scheduler=name
+        )
         if name == "lms" and not is_scipy_available():
             with pytest.raises(RuntimeError, match="scipy"):
                 engine.generate(request)
@@ -212,7 +241,7 @@ def test_schedulers_swap_without_reload(
 
     reference = fresh_pipeline()
     reference.scheduler = EulerAncestralDiscreteScheduler.from_config(reference.scheduler.config)
-    expected = reference_latents(reference, prompt=PROMPT, seeds=[9], steps=3)
+    expected = reference_latents(reference, prompt=PROMPT, seeds=[9], steps=STEPS)
     assert torch.equal(outputs["euler_a"], expected)
 
 
@@ -226,7 +255,9 @@ def test_requests_are_validated(engine: InferenceEngine) -> None:
 
 
 def test_results_carry_images_seeds_and_timings(engine: InferenceEngine) -> None:
-    result = engine.generate(GenerationRequest(prompt=PROMPT, num_inference_steps=STEPS, num_images=2))
+    result = engine.generate(
+        GenerationRequest(prompt=PROMPT, num_inference_steps=STEPS, num_images=2)
+    )
 
     assert len(result.images) == 2
     assert result.images[0].size == (64, 64)

@@ -29,6 +29,8 @@ UNET_TARGETS += ["time_emb_proj"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 LoadOutput = Callable[..., torch.Tensor]
+# diffusers pipelines set their components dynamically, so mypy cannot see them.
+Pipeline = Any
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class SourceLora:
     base_output: torch.Tensor
 
 
-def model_output(pipe: StableDiffusionPipeline) -> torch.Tensor:
+def model_output(pipe: Pipeline) -> torch.Tensor:
     """Text encoder + one UNet step on fixed inputs: exercises both LoRA components."""
     ids = torch.tensor([[0, 17, 40, 99, 230, 1]])
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -50,7 +52,7 @@ def model_output(pipe: StableDiffusionPipeline) -> torch.Tensor:
         return pipe.unet(latents, 500, encoder_hidden_states=hidden).sample
 
 
-def fresh_pipeline(base: StableDiffusionPipeline) -> StableDiffusionPipeline:
+def fresh_pipeline(base: Pipeline) -> Pipeline:
     """A pipeline sharing nothing trainable with ``base`` (LoRA injection mutates models)."""
     return StableDiffusionPipeline(
         vae=base.vae,
@@ -78,14 +80,12 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_pipe(tiny_base_dir: Path) -> StableDiffusionPipeline:
+def base_pipe(tiny_base_dir: Path) -> Pipeline:
     return StableDiffusionPipeline.from_pretrained(tiny_base_dir)
 
 
 @pytest.fixture(scope="session")
-def source_lora(
-    base_pipe: StableDiffusionPipeline, tmp_path_factory: pytest.TempPathFactory
-) -> SourceLora:
+def source_lora(base_pipe: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> SourceLora:
     pipe = fresh_pipeline(base_pipe)
     base_output = model_output(pipe)
     unet_config = LoraConfig(
@@ -123,7 +123,7 @@ def source_lora(
 
 
 @pytest.fixture
-def load_output(base_pipe: StableDiffusionPipeline, tmp_path: Path) -> LoadOutput:
+def load_output(base_pipe: Pipeline, tmp_path: Path) -> LoadOutput:
     """Write tensors + metadata (or take a file) and load it with plain load_lora_weights."""
     counter = iter(range(1000))
 

@@ -8,14 +8,15 @@ import struct
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, get_peft_model
+from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
 
@@ -25,6 +26,7 @@ from service.adapters.formats import (
     SafetensorsFile,
     SafetensorsLimits,
     kohya_module_name,
+    ldm_block_map,
     parse_adapter,
     read_safetensors,
     split_kohya_name,
@@ -36,9 +38,12 @@ from service.adapters.lint import canonicalize, read_base_model_layout
 from tests.service.adapters.conftest import (
     TEXT_ALPHA,
     TEXT_RANK,
+    TEXT_TARGETS,
     UNET_ALPHA,
     UNET_RANK,
+    UNET_TARGETS,
     LoadOutput,
+    Pipeline,
     SourceLora,
     fresh_pipeline,
     model_output,
@@ -59,7 +64,7 @@ def as_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in tensors.items()}
 
 
-def raw_safetensors(header: dict[str, object], data: bytes = b"") -> bytes:
+def raw_safetensors(header: Mapping[str, object], data: bytes = b"") -> bytes:
     encoded = json.dumps(header).encode()
     return struct.pack("<Q", len(encoded)) + encoded + data
 
@@ -134,7 +139,10 @@ def test_reads_every_float_dtype_and_widens_bf16(tmp_path: Path) -> None:
 
 
 def test_write_then_read_round_trips() -> None:
-    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "alpha": np.float32(2.0)}
+    tensors = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "alpha": np.asarray(2.0, dtype=np.float32),
+    }
     written = write_safetensors(tensors, {"x": "1"})
     loaded = read_safetensors(written)
     assert loaded.metadata == {"x": "1"}
@@ -261,7 +269,11 @@ def test_kohya_names_split_back_for_the_full_sd15_architecture() -> None:
         unet = UNet2DConditionModel(**UNET_CONFIGS["sd15"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIGS["sd15"]))
     layers = (torch.nn.Linear, torch.nn.Conv2d)
-    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+    models: tuple[tuple[str, Any], ...] = (
+        ("unet", unet),
+        ("text_encoder", text_encoder),
+    )
+    for component, model in models:
         paths = [name for name, module in model.named_modules() if isinstance(module, layers)]
         assert len(paths) >= 72
         for path in paths:
@@ -295,7 +307,9 @@ def test_every_input_format_parses_to_the_same_modules(source_lora: SourceLora) 
         parsed = parse_adapter(SafetensorsFile(tensors, {}))
         assert parsed.format == expected_format
         assert parsed.alpha_source == alpha_source
-        expected = {n: m for n, m in reference.modules.items() if only is None or n.startswith(only)}
+        expected = {
+            n: m for n, m in reference.modules.items() if only is None or n.startswith(only)
+        }
         assert parsed.modules.keys() == expected.keys()
         for name, module in parsed.modules.items():
             np.testing.assert_array_equal(module.down, expected[name].down)
@@ -361,9 +375,9 @@ def test_canonical_to_kohya_and_back_keeps_tensors_and_alpha(
         n: m.alpha for n, m in original.modules.items()
     }
     # ... and both are the source file's own weights.
-    for key, value in source_lora.tensors.items():
+    for key, source_value in source_lora.tensors.items():
         canonical_key = key.replace("text_encoder.", "text_encoder.text_model.", 1)
-        np.testing.assert_array_equal(again[canonical_key], value.numpy())
+        np.testing.assert_array_equal(again[canonical_key], source_value.numpy())
 
 
 def test_our_kohya_file_loads_in_diffusers_like_the_canonical(
@@ -397,7 +411,7 @@ def test_hand_made_kohya_file_imports_to_the_same_adapter(
 
 def test_original_checkpoint_naming_converts_like_diffusers_does(
     source_lora: SourceLora,
-    base_pipe: StableDiffusionPipeline,
+    base_pipe: Pipeline,
     tiny_base_dir: Path,
     load_output: LoadOutput,
 ) -> None:
@@ -416,7 +430,7 @@ def test_original_checkpoint_naming_converts_like_diffusers_does(
 
 
 def test_peft_save_pretrained_file_imports(
-    base_pipe: StableDiffusionPipeline,
+    base_pipe: Pipeline,
     tiny_base_dir: Path,
     load_output: LoadOutput,
     tmp_path: Path,
@@ -427,7 +441,7 @@ def test_peft_save_pretrained_file_imports(
     peft_unet = get_peft_model(pipe.unet, config)
     randomise_lora_b(peft_unet, seed=5)
     expected = model_output(pipe)
-    peft_unet.save_pretrained(tmp_path / "peft")
+    peft_unet.save_pretrained(str(tmp_path / "peft"))
 
     tensors, metadata, report = canonicalize(
         tmp_path / "peft" / "adapter_model.safetensors", base_model_dir=tiny_base_dir
@@ -445,10 +459,7 @@ def test_summarize_canonical(source_lora: SourceLora, tiny_base_dir: Path) -> No
     assert summary.alpha == UNET_ALPHA
     assert summary.param_count == sum(v.numel() for v in source_lora.tensors.values())
     assert summary.module_count == len(source_lora.tensors) // 2
-    assert summary.target_modules == sorted(
-        ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "conv1"]
-        + ["time_emb_proj", "q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
-    )
+    assert summary.target_modules == sorted([*UNET_TARGETS, *TEXT_TARGETS])
     assert json.loads(metadata["lorastack_target_modules"]) == summary.target_modules
 
 
@@ -465,3 +476,54 @@ def test_modules_import_without_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_per_module_rank_and_alpha_survive_every_conversion(
+    base_pipe: Pipeline, tiny_base_dir: Path, load_output: LoadOutput, tmp_path: Path
+) -> None:
+    pipe = fresh_pipeline(base_pipe)
+    torch.manual_seed(6)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        rank_pattern={"to_v": 2},
+        alpha_pattern={"to_k": 12, "to_v": 1},
+        init_lora_weights="gaussian",
+        target_modules=["to_q", "to_k", "to_v"],
+    )
+    pipe.unet.add_adapter(config)
+    randomise_lora_b(pipe.unet, seed=7)
+    expected = model_output(pipe)
+    pipe.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+    )
+    source = tmp_path / "pytorch_lora_weights.safetensors"
+    assert_same_output(load_output(source), expected)
+
+    tensors, metadata, report = canonicalize(source, base_model_dir=tiny_base_dir)
+    to_v = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"
+    to_k = to_v.replace("to_v", "to_k")
+    assert (report.ranks[to_v], report.alphas[to_v]) == (2, 1.0)
+    assert (report.ranks[to_k], report.alphas[to_k]) == (4, 12.0)
+    assert_same_output(load_output(tensors, metadata), expected)
+
+    kohya_tensors, kohya_metadata = to_kohya(SafetensorsFile(tensors, metadata))
+    back, back_metadata, _ = canonicalize(
+        SafetensorsFile(kohya_tensors, kohya_metadata), base_model_dir=tiny_base_dir
+    )
+    assert_same_output(load_output(back, back_metadata), expected)
+
+
+def test_ldm_block_map_follows_the_sd15_checkpoint_layout() -> None:
+    mapping = ldm_block_map(UNET_CONFIGS["sd15"])
+    assert mapping["input_blocks.1.1"] == ("down_blocks.0.attentions.0", "attention")
+    assert mapping["input_blocks.3.0"] == ("down_blocks.0.downsamplers.0", "downsampler")
+    assert mapping["input_blocks.11.0"] == ("down_blocks.3.resnets.1", "resnet")
+    assert "input_blocks.12.0" not in mapping
+    assert mapping["middle_block.1"] == ("mid_block.attentions.0", "attention")
+    assert mapping["output_blocks.2.1"] == ("up_blocks.0.upsamplers.0", "upsampler")
+    assert mapping["output_blocks.5.2"] == ("up_blocks.1.upsamplers.0", "upsampler")
+    assert mapping["output_blocks.11.1"] == ("up_blocks.3.attentions.2", "attention")
+    assert "output_blocks.11.2" not in mapping

@@ -47,9 +47,14 @@ def write_zip(path: Path, entries: Iterable[Entry], **kwargs: int) -> Path:
 
 
 def patch_member(
-    data: bytes, name: str, *, file_size: int | None = None, set_flags: int = 0
+    data: bytes,
+    name: str,
+    *,
+    file_size: int | None = None,
+    set_flags: int = 0,
+    header_offset: int | None = None,
 ) -> bytes:
-    """Rewrite one member's uncompressed size and/or flag bits in both of its headers."""
+    """Rewrite one member's size or flag bits (both headers), or where its record points."""
     patched = bytearray(data)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         info = archive.getinfo(name)
@@ -67,6 +72,8 @@ def patch_member(
     if file_size is not None:
         struct.pack_into("<L", patched, local + 22, file_size)
         struct.pack_into("<L", patched, central + 24, file_size)
+    if header_offset is not None:
+        struct.pack_into("<L", patched, central + 42, header_offset)
     if set_flags:
         for flags_at in (local + 6, central + 8):
             (flags,) = struct.unpack_from("<H", patched, flags_at)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import stat
 import struct
 import warnings
@@ -298,6 +299,18 @@ def test_encrypted_entry(tmp_path: Path, store: Path, limits: DatasetLimits) -> 
     zip_path.write_bytes(data)
     error = _rejected(zip_path, store, limits)
     assert (error.status, error.code) == (422, "encrypted_entry")
+
+
+def test_entries_sharing_data_are_refused(
+    tmp_path: Path, store: Path, limits: DatasetLimits
+) -> None:
+    data = zip_bytes([*_good_pair(), ("a.png", image_bytes(1))])
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        first_offset = archive.getinfo("ok.png").header_offset
+    zip_path = tmp_path / "up.zip"
+    zip_path.write_bytes(patch_member(data, "a.png", header_offset=first_offset))
+    error = _rejected(zip_path, store, limits)
+    assert (error.status, error.code) == (422, "overlapping_entries")
 
 
 def test_bzip2_entry_is_refused(tmp_path: Path, store: Path, limits: DatasetLimits) -> None:

@@ -204,7 +204,11 @@ class AdapterCache:
         with self._lock:
             return {
                 tier
-                for tier, store in (("disk", self._disk), ("cpu", self._cpu), ("device", self._device))
+                for tier, store in (
+                    ("disk", self._disk),
+                    ("cpu", self._cpu),
+                    ("device", self._device),
+                )
                 if key in store.entries
             }
 
@@ -261,7 +265,9 @@ class AdapterCache:
             for key in store.victims(spared):
                 self._drop(tier, key)  # type: ignore[arg-type]
             if store.over_limit():
-                logger.warning("adapter cache %s tier stays over its limit (pinned or in use)", tier)
+                logger.warning(
+                    "adapter cache %s tier stays over its limit (pinned or in use)", tier
+                )
 
     def _drop(self, tier: Tier, key: str) -> None:
         if tier == "device":

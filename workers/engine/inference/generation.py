@@ -215,7 +215,9 @@ class InferenceEngine:
     def _switch(self, refs: Sequence[AdapterRef]) -> tuple[float, float]:
         # Refuse before anything is fetched or loaded.
         if len(refs) > self.slots.max_active:
-            raise ValueError(f"{len(refs)} adapters requested; the engine has {self.slots.max_active} slots")
+            raise ValueError(
+                f"{len(refs)} adapters requested; the engine has {self.slots.max_active} slots"
+            )
         if len({ref.key for ref in refs}) != len(refs):
             raise ValueError("an adapter is requested twice")
         started = time.perf_counter()

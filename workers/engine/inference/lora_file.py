@@ -128,13 +128,17 @@ def parse_lora_state_dict(
     for key, tensor in state_dict.items():
         component, _, rest = key.partition(".")
         if component not in COMPONENTS:
-            raise AdapterFormatError(f"unsupported key {key!r}: expected a unet. or text_encoder. key")
+            raise AdapterFormatError(
+                f"unsupported key {key!r}: expected a unet. or text_encoder. key"
+            )
         for suffix, which in _WEIGHT_SUFFIXES.items():
             if rest.endswith(suffix):
                 pairs.setdefault((component, rest.removesuffix(suffix)), {})[which] = tensor
                 break
         else:
-            raise AdapterFormatError(f"unsupported key {key!r}: expected peft lora_A/lora_B weights")
+            raise AdapterFormatError(
+                f"unsupported key {key!r}: expected peft lora_A/lora_B weights"
+            )
     if not pairs:
         raise AdapterFormatError("the file holds no LoRA weights")
 

@@ -85,7 +85,9 @@ class RandomLoraWriter:
                 k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()
             }
             if spec.with_metadata:
-                layers[f"{component}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+                layers[f"{component}_lora_adapter_metadata"] = model.peft_config[
+                    "default"
+                ].to_dict()
         out_file = Path(out_file)
         StableDiffusionPipeline.save_lora_weights(
             save_directory=out_file.parent, weight_name=out_file.name, **layers

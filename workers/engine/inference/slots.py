@@ -269,7 +269,9 @@ class LoraSlotPool:
     def activate(self, adapters: Sequence[tuple[ResidentAdapter, float]]) -> None:
         """Make exactly ``adapters`` (resident adapter, weight) active; an empty list means none."""
         if len(adapters) > self.max_active:
-            raise ValueError(f"{len(adapters)} adapters requested; the engine has {self.max_active} slots")
+            raise ValueError(
+                f"{len(adapters)} adapters requested; the engine has {self.max_active} slots"
+            )
         keys = [adapter.key for adapter, _ in adapters]
         if len(set(keys)) != len(keys):
             raise ValueError(f"an adapter is requested twice: {keys}")

@@ -81,7 +81,7 @@ def unet_lora_config(config: TrainConfig) -> LoraConfig:
     """The peft LoraConfig of the UNet (gaussian init as in the diffusers recipe)."""
     return LoraConfig(
         r=config.rank,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft takes a float alpha
         init_lora_weights="gaussian",
         target_modules=list(config.unet_target_modules),
         use_dora=config.use_dora,
@@ -92,7 +92,7 @@ def text_encoder_lora_config(config: TrainConfig) -> LoraConfig:
     """The peft LoraConfig of the CLIP text encoder."""
     return LoraConfig(
         r=config.rank,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft takes a float alpha
         init_lora_weights="gaussian",
         target_modules=list(config.text_encoder_target_modules),
         use_dora=config.use_dora,
@@ -133,7 +133,7 @@ def count_trainable(model: torch.nn.Module) -> int:
 def _adapter_metadata(model: torch.nn.Module) -> dict[str, Any]:
     # diffusers rebuilds the LoraConfig from this when loading, so alpha != rank (and DoRA)
     # load at the strength they were trained with.
-    peft_config = model.peft_config[ADAPTER_NAME]  # type: ignore[index]
+    peft_config: Any = model.peft_config[ADAPTER_NAME]  # type: ignore[index]
     metadata: dict[str, Any] = peft_config.to_dict()
     return metadata
 
@@ -142,10 +142,15 @@ def lora_layers(
     *, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """The LoRA tensors of both models in diffusers naming (no base weights)."""
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # save_embedding_layers=False: LoRA tensors only (and no vocabulary probing on disk).
+    unet_layers = convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet, save_embedding_layers=False)
+    )
     text_layers = None
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        text_layers = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
+        )
     return unet_layers, text_layers
 
 
@@ -211,7 +216,7 @@ def _peft_magnitude_key(key: str) -> str:
 
 
 def _set_exactly(model: torch.nn.Module, peft_state: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(model, peft_state, adapter_name=ADAPTER_NAME)
+    result: Any = set_peft_model_state_dict(model, peft_state, adapter_name=ADAPTER_NAME)
     missing = [k for k in result.missing_keys if "lora_" in k]
     unexpected = list(result.unexpected_keys)
     if missing or unexpected:

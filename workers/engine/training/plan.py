@@ -113,9 +113,7 @@ def _materialise_lora(model: torch.nn.Module) -> None:
             module.to_empty(device="cpu", recurse=False)
 
 
-def _meta_pass(
-    model: torch.nn.Module, inputs: tuple[Any, ...], *, train: bool
-) -> tuple[int, int]:
+def _meta_pass(model: torch.nn.Module, inputs: tuple[Any, ...], *, train: bool) -> tuple[int, int]:
     """(FLOPs, bytes saved for backward) of one forward pass on meta tensors."""
     saved = 0
 
@@ -150,6 +148,8 @@ def plan_training(
     configs = _read_configs(pipeline_dir_or_config)
     unet_config = configs["unet"]
     assert unet_config is not None
+    # diffusers' models are untyped for mypy; Any keeps the attribute access honest at runtime.
+    unet: Any
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(_public(unet_config))
         text_encoder = (
@@ -157,9 +157,8 @@ def plan_training(
             if configs["text_encoder"] is not None
             else None
         )
-        vae = AutoencoderKL.from_config(_public(configs["vae"])) if configs["vae"] else None
+        vae: Any = AutoencoderKL.from_config(_public(configs["vae"])) if configs["vae"] else None
         trainable = inject_lora(unet=unet, text_encoder=text_encoder, config=config)
-    assert isinstance(unet, UNet2DConditionModel)
 
     dtype_bytes = _DTYPE_BYTES[config.mixed_precision]
     samples = config.batch_size * config.gradient_accumulation_steps
@@ -197,8 +196,10 @@ def plan_training(
     else:
         vae_params = 0
 
-    frozen = sum(p.numel() for m in (unet, text_encoder) if m is not None for p in m.parameters())
-    frozen = (frozen - trainable.total + vae_params) * dtype_bytes
+    base_params = sum(p.numel() for p in unet.parameters())
+    if text_encoder is not None:
+        base_params += sum(p.numel() for p in text_encoder.parameters())
+    frozen = (base_params - trainable.total + vae_params) * dtype_bytes
     memory = MemoryEstimate(
         frozen_weights=frozen,
         trainable_state=trainable.total * _TRAINABLE_STATE_BYTES_PER_PARAM,

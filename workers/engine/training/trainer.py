@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -131,7 +132,8 @@ def _out_of_memory(exc: BaseException, config: TrainConfig) -> TrainingOutOfMemo
     hints = []
     if config.batch_size > 1:
         hints.append(
-            f"lower batch_size (now {config.batch_size}; raise gradient_accumulation_steps to keep the effective batch)"
+            f"lower batch_size (now {config.batch_size}; raise gradient_accumulation_steps "
+            "to keep the effective batch)"
         )
     if not config.gradient_checkpointing:
         hints.append("enable gradient_checkpointing")
@@ -240,8 +242,8 @@ class _TrainingRun:
         if self.config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.config.train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                self.text_encoder.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
                 )
         self.vae.eval()
         self.unet.train()
@@ -282,13 +284,7 @@ class _TrainingRun:
             self.unet, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
             self.trained_models = (self.unet,)
 
-    def _resume(self) -> checkpoints.CheckpointState | None:
-        if self.accelerator.is_main_process:
-            checkpoints.remove_stale_temporaries(self.checkpoints_dir)
-        self.accelerator.wait_for_everyone()
-        path = checkpoints.latest_checkpoint(self.checkpoints_dir)
-        if path is None:
-            return None
+    def _resume(self, path: Path) -> checkpoints.CheckpointState:
         state = checkpoints.read_state(path)
         for field in WEIGHT_SHAPE_FIELDS:
             before = state.config.get(field)
@@ -461,14 +457,14 @@ class _TrainingRun:
             return
         unet = self._unwrap(self.unet)
         text_encoder = self._unwrap(self.text_encoder)
-        pipe = StableDiffusionPipeline(
+        pipe: Any = StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=text_encoder,
             tokenizer=self.tokenizer,
-            unet=unet,  # type: ignore[arg-type]
+            unet=unet,
             scheduler=self.inference_scheduler,
-            safety_checker=None,  # type: ignore[arg-type]
-            feature_extractor=None,  # type: ignore[arg-type]
+            safety_checker=None,
+            feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
@@ -491,7 +487,7 @@ class _TrainingRun:
                 text_encoder.train()
         self.callbacks.on_validation(step, images)
 
-    def _render(self, pipe: StableDiffusionPipeline, prompt: str, seed: int) -> Any:
+    def _render(self, pipe: Any, prompt: str, seed: int) -> Any:
         generator = torch.Generator("cpu").manual_seed(seed)
         with torch.no_grad(), self.accelerator.autocast():
             output = pipe(
@@ -501,21 +497,27 @@ class _TrainingRun:
                 width=self.config.resolution,
                 generator=generator,
             )
-        return output.images[0]  # type: ignore[union-attr]
+        return output.images[0]
 
     # -- the run -------------------------------------------------------------------------
 
     def execute(self, started: float) -> TrainResult:
         config = self.config
         accelerator = self.accelerator
+        if accelerator.is_main_process:
+            checkpoints.remove_stale_temporaries(self.checkpoints_dir)
+        accelerator.wait_for_everyone()
+        resume_path = checkpoints.latest_checkpoint(self.checkpoints_dir)
+        saved_seed = checkpoints.read_state(resume_path).seed if resume_path else None
+        if saved_seed is not None:
+            self.seed = saved_seed
+        else:
+            self.seed = config.seed if config.seed is not None else secrets.randbits(31)
+        # As in the diffusers recipe: seeds every global RNG, so the LoRA init is reproducible.
+        set_seed(self.seed)
         self._load_models()
         self._make_optimizer()
-        resumed = self._resume()
-        self.seed = (
-            resumed.seed
-            if resumed is not None
-            else (config.seed if config.seed is not None else secrets.randbits(31))
-        )
+        resumed = self._resume(resume_path) if resume_path is not None else None
         start_step = resumed.step if resumed is not None else 0
         stream = SampleStream(
             self.items,

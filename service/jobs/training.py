@@ -1,0 +1,152 @@
+"""Training jobs: validate a request against what exists, then queue it (or plan it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.base_models import linear_module_names, local_folder, missing_targets
+from service.base_models import resolve_base_model as resolve_model
+from service.config import Settings
+from service.health.routes import live_workers
+from service.jobs import lifecycle
+from service.jobs.training_schemas import TrainingPlanOut, TrainJobCreate
+from service.models import Adapter, Dataset, DatasetStatus, Job, JobKind
+from service.problems import ServiceUnavailable, field_error
+from service.queue import TRAIN_QUEUE
+
+PLANNER_MODULE = "workers.plan_cli"
+
+
+def validate_training_request(
+    session: Session, *, settings: Settings, tenant_id: str, body: TrainJobCreate
+) -> tuple[Dataset, str, str]:
+    """Check the request against the dataset, base model, adapter and live workers.
+
+    Returns (dataset, base model name, base model source). Raises 422 naming the field.
+    """
+    dataset = session.scalar(
+        select(Dataset).where(
+            Dataset.id == body.dataset_id,
+            Dataset.tenant_id == tenant_id,
+            Dataset.status == DatasetStatus.READY.value,
+        )
+    )
+    if dataset is None:
+        raise field_error("dataset_id", f"no dataset {body.dataset_id!r}", code="dataset_not_found")
+    name, source = resolve_model(settings, body.base_model)
+    adapter = session.scalar(
+        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == body.adapter_name)
+    )
+    if adapter is not None and adapter.base_model != name:
+        raise field_error(
+            "adapter_name",
+            f"adapter {body.adapter_name!r} belongs to base model {adapter.base_model!r}, "
+            f"not {name!r}",
+            code="base_model_mismatch",
+        )
+    hp = body.hyperparameters
+    folder = local_folder(source)
+    if folder is not None:
+        missing = missing_targets(linear_module_names(folder, "unet"), hp.unet_targets())
+        if missing:
+            raise field_error(
+                "hyperparameters.target_modules",
+                f"the base model {name!r} has no module matching {missing}",
+                code="unknown_target_module",
+            )
+        if hp.train_text_encoder:
+            missing = missing_targets(
+                linear_module_names(folder, "text_encoder"), tuple(hp.text_encoder_target_modules)
+            )
+            if missing:
+                raise field_error(
+                    "hyperparameters.text_encoder_target_modules",
+                    f"the text encoder of {name!r} has no module matching {missing}",
+                    code="unknown_target_module",
+                )
+    if hp.mixed_precision != "no":
+        workers = [w for w in live_workers(session, settings) if TRAIN_QUEUE in w.queues]
+        supported = [w for w in workers if hp.mixed_precision in w.info.get("mixed_precision", [])]
+        if workers and not supported:
+            devices = sorted({str(w.device) for w in workers})
+            raise field_error(
+                "hyperparameters.mixed_precision",
+                f"{hp.mixed_precision} is not supported by any live training worker "
+                f"(devices: {', '.join(devices)})",
+                code="unsupported_mixed_precision",
+            )
+    return dataset, name, source
+
+
+def create_training_job(
+    session: Session,
+    *,
+    settings: Settings,
+    tenant_id: str,
+    body: TrainJobCreate,
+    dataset: Dataset,
+    base_model: str,
+) -> Job:
+    return lifecycle.create_job(
+        session,
+        tenant_id=tenant_id,
+        kind=JobKind.TRAIN.value,
+        queue=TRAIN_QUEUE,
+        max_attempts=settings.job_max_attempts,
+        dataset_id=dataset.id,
+        base_model=base_model,
+        adapter_name=body.adapter_name,
+        params={
+            "hyperparameters": body.hyperparameters.resolved(),
+            "dataset_sha256": dataset.sha256,
+        },
+    )
+
+
+def plan_training(
+    *, body: TrainJobCreate, dataset: Dataset, base_model: str, source: str, timeout_s: float = 120
+) -> TrainingPlanOut:
+    """Run the planner in a child process (it needs torch; this process never imports it)."""
+    folder = local_folder(source)
+    if folder is None:
+        raise field_error(
+            "base_model",
+            "a dry run needs a base model stored as a local folder",
+            code="dry_run_unavailable",
+        )
+    request = {
+        "pipeline_dir": str(folder),
+        "hyperparameters": body.hyperparameters.resolved(),
+        "num_items": dataset.pair_count,
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", PLANNER_MODULE],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        raise ServiceUnavailable("the training planner timed out", code="planner_timeout") from None
+    try:
+        answer: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        raise ServiceUnavailable(
+            f"the training planner failed: {proc.stderr.strip()[-300:]}", code="planner_failed"
+        ) from None
+    if "error" in answer:
+        err = answer["error"]
+        raise field_error(f"hyperparameters.{err['field']}", err["message"], code="config_error")
+    return TrainingPlanOut(
+        base_model=base_model,
+        dataset_id=dataset.id,
+        hyperparameters=body.hyperparameters.resolved(),
+        **answer["plan"],
+    )

@@ -1,0 +1,56 @@
+"""Plan a training run from JSON on stdin; print one JSON line (the API's dry run runs this).
+
+Input: {"pipeline_dir": str, "hyperparameters": {...}, "num_items": int}. Output:
+{"plan": {...}} or {"error": {"field": str, "message": str}}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def plan(request: dict[str, Any]) -> dict[str, Any]:
+    from workers.engine.training.config import TrainConfig
+    from workers.engine.training.errors import ConfigError
+    from workers.engine.training.plan import plan_training
+
+    try:
+        config = TrainConfig.from_dict(request["hyperparameters"])
+        result = plan_training(
+            pipeline_dir_or_config=Path(request["pipeline_dir"]),
+            config=config,
+            num_items=request.get("num_items"),
+        )
+    except ConfigError as exc:
+        return {"error": {"field": exc.field, "message": exc.message}}
+    memory = {k: int(v) for k, v in vars(result.memory).items()}
+    return {
+        "plan": {
+            "total_steps": result.total_steps,
+            "trainable_params": {
+                "unet": result.trainable_params.unet,
+                "text_encoder": result.trainable_params.text_encoder,
+                "total": result.trainable_params.total,
+            },
+            "adapter_file_bytes": result.adapter_bytes,
+            "peak_memory_bytes": int(result.memory.total),
+            "memory": memory,
+            "seconds_per_step": result.seconds_per_step,
+            "estimated_duration_s": result.estimated_duration_s,
+            "assumptions": {
+                "assumed_tflops": result.assumed_tflops,
+                "flops_per_step": result.flops_per_step,
+            },
+        }
+    }
+
+
+def main() -> None:
+    print(json.dumps(plan(json.loads(sys.stdin.read()))))
+
+
+if __name__ == "__main__":
+    main()

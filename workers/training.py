@@ -1,0 +1,323 @@
+"""A training job in a worker: dataset and base model from the service, the engine's trainer,
+progress and events into SQL (throttled), and the result published as an adapter version."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from service.adapters.registry import publish_version
+from service.base_models import local_folder
+from service.db import unit_of_work, utcnow
+from service.jobs import lifecycle
+from service.models import Checkpoint, Dataset, DatasetStatus, Image, Job, JobStatus
+from workers.engine.training.callbacks import (
+    CheckpointInfo,
+    NullCallbacks,
+    StepProgress,
+    ValidationImage,
+)
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger("lorastack.worker")
+
+PROGRESS_INTERVAL_S = 1.0
+METRICS_EVERY_STEPS = 10
+METRICS_INTERVAL_S = 10.0
+
+
+class JobFailure(Exception):
+    """A failure with a code the client can act on."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now (ours was presumed dead): stop without recording."""
+
+
+class SqlCallbacks(NullCallbacks):
+    """The trainer's reports, turned into throttled progress updates and job events."""
+
+    def __init__(self, rt: WorkerRuntime, *, job_id: str, tenant_id: str) -> None:
+        self.rt = rt
+        self.job_id = job_id
+        self.tenant_id = tenant_id
+        self._last_progress = 0.0
+        self._last_metrics = 0.0
+        self.last: StepProgress | None = None
+        self.validation: list[dict[str, Any]] = []
+
+    def on_step(self, progress: StepProgress) -> None:
+        self.last = progress
+        now = time.monotonic()
+        final = progress.step >= progress.total_steps
+        write_progress = final or now - self._last_progress >= PROGRESS_INTERVAL_S
+        write_metrics = final or (
+            progress.step % METRICS_EVERY_STEPS == 0
+            or now - self._last_metrics >= METRICS_INTERVAL_S
+        )
+        if not (write_progress or write_metrics):
+            return
+        data = {
+            "step": progress.step,
+            "total_steps": progress.total_steps,
+            "epoch": progress.epoch,
+            "loss": round(progress.smoothed_loss, 6),
+            "raw_loss": round(progress.loss, 6),
+            "lr": progress.lr,
+            "samples_per_s": round(progress.samples_per_s, 3),
+            "eta_s": round(progress.eta_s, 1),
+        }
+        with unit_of_work(self.rt.session_factory) as session:
+            if write_progress:
+                self._last_progress = now
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.lease_owner == self.rt.worker_id)
+                    .values(progress=data)
+                )
+            if write_metrics:
+                self._last_metrics = now
+                lifecycle.add_event(session, job_id=self.job_id, type="metrics", data=data)
+
+    def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:
+        key = str(checkpoint.path.relative_to(self.rt.store.root))
+        with unit_of_work(self.rt.session_factory) as session:
+            existing = session.scalar(
+                select(Checkpoint).where(
+                    Checkpoint.job_id == self.job_id, Checkpoint.step == checkpoint.step
+                )
+            )
+            if existing is None:
+                session.add(
+                    Checkpoint(
+                        job_id=self.job_id,
+                        step=checkpoint.step,
+                        storage_key=key,
+                        metrics={"loss": checkpoint.loss},
+                    )
+                )
+            # Retention removed older checkpoint folders: drop their rows too.
+            for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id)):
+                if row.step != checkpoint.step and not self.rt.store.exists(row.storage_key):
+                    session.delete(row)
+            lifecycle.add_event(
+                session,
+                job_id=self.job_id,
+                type="checkpoint",
+                data={"step": checkpoint.step, "loss": checkpoint.loss},
+            )
+
+    def on_validation(self, step: int, images: list[ValidationImage]) -> None:
+        with unit_of_work(self.rt.session_factory) as session:
+            for sample in images:
+                ids = {}
+                for which, picture in (("base", sample.base_image), ("lora", sample.lora_image)):
+                    buffer = io.BytesIO()
+                    picture.save(buffer, format="PNG")
+                    stored = self.rt.store.put_bytes(
+                        buffer.getvalue(), prefix="images", suffix=".png"
+                    )
+                    row = Image(
+                        tenant_id=self.tenant_id,
+                        job_id=self.job_id,
+                        storage_key=stored.key,
+                        seed=sample.seed,
+                        width=picture.width,
+                        height=picture.height,
+                    )
+                    session.add(row)
+                    session.flush()
+                    ids[f"{which}_image_id"] = row.id
+                entry = {"step": step, "prompt": sample.prompt, "seed": sample.seed, **ids}
+                self.validation.append(entry)
+                lifecycle.add_event(session, job_id=self.job_id, type="sample", data=entry)
+
+    def on_resumed(self, step: int) -> None:
+        with unit_of_work(self.rt.session_factory) as session:
+            lifecycle.add_event(
+                session,
+                job_id=self.job_id,
+                type="resumed",
+                level="warning",
+                data={"step": step, "message": f"resumed from checkpoint {step}"},
+            )
+
+    def should_stop(self) -> bool:
+        """Checked before every step: a cancel stops within one step; a lost lease at once."""
+        with self.rt.session_factory() as session:
+            row = session.execute(
+                select(Job.status, Job.lease_owner).where(Job.id == self.job_id)
+            ).one()
+        if row.lease_owner != self.rt.worker_id:
+            raise LeaseLost(self.job_id)
+        return bool(row.status == JobStatus.CANCEL_REQUESTED.value)
+
+
+def run_training_job(rt: WorkerRuntime, job_id: str) -> None:
+    """Lease the job, train (resuming from its last checkpoint), publish, record the outcome."""
+    with unit_of_work(rt.session_factory) as session:
+        job = lifecycle.take_lease(
+            session, job_id=job_id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
+        )
+    if job is None:
+        log.info("train %s: not queued any more (duplicate delivery or cancelled)", job_id)
+        return
+    rt.current_job_id = job_id
+    try:
+        _train_and_publish(rt, job)
+    except LeaseLost:
+        log.warning("train %s: lease lost to another worker; stopping", job_id)
+    except JobFailure as failure:
+        _finish(rt, job_id, JobStatus.FAILED, error=(failure.code, failure.message))
+    except Exception as exc:
+        code, message = _classify(exc)
+        if code == "cancelled":
+            _finish(rt, job_id, JobStatus.CANCELLED)
+        else:
+            if code == "internal_error":
+                log.exception("train %s failed", job_id)
+            _finish(rt, job_id, JobStatus.FAILED, error=(code, message))
+    finally:
+        rt.current_job_id = None
+
+
+def _classify(exc: Exception) -> tuple[str, str]:
+    from workers.engine.training.errors import (
+        ConfigError,
+        TrainingCancelled,
+        TrainingDataError,
+        TrainingOutOfMemory,
+    )
+
+    if isinstance(exc, TrainingCancelled):
+        return "cancelled", str(exc)
+    if isinstance(exc, ConfigError):
+        return "config_error", str(exc)
+    if isinstance(exc, TrainingOutOfMemory):
+        return "out_of_memory", f"{exc}. {exc.hint}"
+    if isinstance(exc, TrainingDataError):
+        return "dataset_error", str(exc)
+    return "internal_error", f"{type(exc).__name__}: {exc}"
+
+
+def _finish(
+    rt: WorkerRuntime, job_id: str, status: JobStatus, *, error: tuple[str, str] | None = None
+) -> None:
+    with unit_of_work(rt.session_factory) as session:
+        lifecycle.finish_job(
+            session,
+            job_id=job_id,
+            owner=rt.worker_id,
+            status=status,
+            error_code=error[0] if error else None,
+            error_message=error[1] if error else None,
+        )
+
+
+def _train_and_publish(rt: WorkerRuntime, job: Job) -> None:
+    from workers.engine.training.config import TrainConfig
+    from workers.engine.training.data import TrainItem
+    from workers.engine.training.trainer import train_lora
+
+    with rt.session_factory() as session:
+        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        if dataset is None or dataset.status != DatasetStatus.READY.value:
+            raise JobFailure(
+                "dataset_deleted", f"dataset {job.dataset_id} was deleted before training started"
+            )
+    source = rt.settings.model_sources.get(job.base_model or "")
+    if source is None:
+        raise JobFailure(
+            "base_model_not_found",
+            f"base model {job.base_model!r} is not configured on this worker",
+        )
+    folder = local_folder(source)
+    if folder is None and (Path(source).is_absolute() or Path(source).exists()):
+        raise JobFailure(
+            "base_model_not_found", f"base model {job.base_model!r}: no pipeline at {source}"
+        )
+    dataset_dir = rt.store.path(dataset.storage_key)
+    try:
+        manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise JobFailure("dataset_deleted", f"dataset {dataset.id} files are gone") from None
+    items = [
+        TrainItem(image_path=dataset_dir / item["file"], captions=tuple(item["captions"]))
+        for item in manifest["items"]
+    ]
+    hyperparameters: dict[str, Any] = job.params["hyperparameters"]
+    config = TrainConfig.from_dict(hyperparameters)
+    callbacks = SqlCallbacks(rt, job_id=job.id, tenant_id=job.tenant_id)
+    result = train_lora(
+        pipeline_dir=folder if folder is not None else Path(source),
+        items=items,
+        config=config,
+        output_dir=rt.store.path(f"jobs/{job.id}"),
+        callbacks=callbacks,
+        device=rt.info.get("device"),
+    )
+    stored = rt.store.put_file(result.adapter_path, prefix="adapters", suffix=".safetensors")
+    with unit_of_work(rt.session_factory) as session:
+        started = session.scalar(select(Job.started_at).where(Job.id == job.id)) or utcnow()
+        duration = (utcnow() - started).total_seconds()
+        metrics = {
+            "final_loss": result.final_loss,
+            "steps": result.steps,
+            "duration_s": round(duration, 3),
+            "validation": callbacks.validation,
+        }
+        version = publish_version(
+            session,
+            tenant_id=job.tenant_id,
+            adapter_name=job.adapter_name or "",
+            base_model=job.base_model or "",
+            source="job",
+            stored=stored,
+            job_id=job.id,
+            rank=config.rank,
+            alpha=config.lora_alpha,
+            target_modules=list(config.unet_target_modules),
+            trainable_params=result.trainable_params.total,
+            lineage={
+                "dataset_id": dataset.id,
+                "dataset_sha256": dataset.sha256,
+                "base_model": job.base_model,
+                "base_model_source": source,
+                "hyperparameters": hyperparameters,
+                "trainable_params": {
+                    "unet": result.trainable_params.unet,
+                    "text_encoder": result.trainable_params.text_encoder,
+                },
+            },
+            metrics=metrics,
+        )
+        done = lifecycle.finish_job(
+            session,
+            job_id=job.id,
+            owner=rt.worker_id,
+            status=JobStatus.SUCCEEDED,
+            result={
+                "adapter_name": job.adapter_name,
+                "version": version.version,
+                "adapter_version_id": version.id,
+                "sha256": stored.sha256,
+                "size_bytes": stored.size,
+                "trainable_params": result.trainable_params.total,
+                "resumed_from_step": result.resumed_from_step,
+                **metrics,
+            },
+        )
+        if not done:
+            # Our lease was lost meanwhile: roll back, the new owner publishes.
+            raise LeaseLost(job.id)
