@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter  # noqa: E402
 from workers.engine.model_builder import build_pipeline_folder  # noqa: E402
@@ -36,6 +38,10 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     if args.threads:
         torch.set_num_threads(args.threads)
     args.torch_dtype = DTYPES[args.dtype]
+    # Loading many adapters through diffusers logs a report per adapter; keep the tables readable.
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     return args
 
 
@@ -47,17 +53,25 @@ def prepare_model(preset: str, workdir: Path) -> Path:
     return out
 
 
-def adapter_spec(index: int) -> RandomLoraSpec:
-    """Varied adapters: ranks 4 and 8, several alphas, some with text-encoder LoRA."""
+def adapter_spec(index: int, *, uniform: bool = False) -> RandomLoraSpec:
+    """Varied adapters: ranks 4 and 8, several alphas, some with text-encoder LoRA.
+
+    ``uniform`` keeps rank 8 and the same targets for all (alpha still varies), so that every
+    switch does the same work and only the number of resident adapters changes.
+    """
+    if uniform:
+        return RandomLoraSpec(rank=8, alpha=float(4 + index % 5), text_encoder_targets=("q_proj",))
     rank = 4 if index % 2 == 0 else 8
     alpha = float((1, 4, 8)[index % 3] * rank / 4)
     text_targets = ("q_proj", "v_proj") if index % 3 == 0 else ()
     return RandomLoraSpec(rank=rank, alpha=alpha, text_encoder_targets=text_targets)
 
 
-def write_adapters(pipeline_dir: Path, workdir: Path, count: int) -> list[Path]:
+def write_adapters(
+    pipeline_dir: Path, workdir: Path, count: int, *, uniform: bool = False
+) -> list[Path]:
     """``count`` random diffusers-format adapter files (reused when already written)."""
-    out = workdir / "adapters"
+    out = workdir / ("adapters-uniform" if uniform else "adapters")
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"adapter{i:03d}.safetensors" for i in range(count)]
     missing = [i for i, p in enumerate(paths) if not p.exists()]
@@ -65,7 +79,7 @@ def write_adapters(pipeline_dir: Path, workdir: Path, count: int) -> list[Path]:
         pipeline = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
         writer = RandomLoraWriter(pipeline)
         for i in missing:
-            writer.write(paths[i], adapter_spec(i), seed=i)
+            writer.write(paths[i], adapter_spec(i, uniform=uniform), seed=i)
     return paths
 
 

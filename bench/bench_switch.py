@@ -4,7 +4,9 @@ Ours: ``InferenceEngine.switch_adapters`` with every adapter resident in the dev
 pool is told to forget its slot contents before each switch, so every switch copies a full
 adapter into a slot (the worst case). Diffusers: ``load_lora_weights`` for every adapter into a
 pipeline of the same model, then ``set_adapters([name], [weight])``. Both switch round-robin to
-a different adapter each time; the table gives the median of the timed switches.
+a different adapter each time; the table gives the median of the timed switches. All adapters
+share rank 8 and their targets (alphas differ), so each switch does the same work at every
+count and only the number of resident adapters changes.
 
     python bench/bench_switch.py [--preset sd15 --device cuda --dtype bf16]
 """
@@ -63,7 +65,7 @@ def time_diffusers(pipeline_dir, paths: list, count: int, args) -> tuple[float, 
 def main() -> None:
     args = parse_args(__doc__ or "")
     pipeline_dir = prepare_model(args.preset, args.workdir)
-    paths = write_adapters(pipeline_dir, args.workdir, max(COUNTS))
+    paths = write_adapters(pipeline_dir, args.workdir, max(COUNTS), uniform=True)
     engine = InferenceEngine(
         pipeline_dir=pipeline_dir,
         device=args.device,

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from service import __version__
+from service.body_limit import BodyLimitMiddleware
 from service.config import Settings, get_settings
+from service.datasets.routes import router as datasets_router
 from service.db import make_engine, make_session_factory
+from service.generation.routes import router as generation_router
 from service.health.routes import router as health_router
 from service.jobs.routes import router as jobs_router
 from service.problems import install_problem_handlers
@@ -30,9 +34,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.session_factory = make_session_factory(engine)
         app.state.store = ArtifactStore(settings.resolved_artifact_dir)
         app.state.sender = TaskSender(celery)
+        app.state.redis = aioredis.Redis.from_url(settings.redis_client_url)
         try:
             yield
         finally:
+            await app.state.redis.aclose()
             celery.close()
             engine.dispose()
 
@@ -43,6 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    # Inside the error middleware, outside the routes: oversized bodies are refused unread.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.include_router(health_router)
     app.include_router(jobs_router)
+    app.include_router(datasets_router)
+    app.include_router(generation_router)
     return app

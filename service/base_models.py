@@ -64,3 +64,15 @@ def _linear_names(path: str, _mtime_ns: int, _size: int) -> frozenset[str]:
 def missing_targets(modules: frozenset[str], suffixes: tuple[str, ...]) -> list[str]:
     """Suffixes that match no module (peft matches a suffix on a '.' boundary)."""
     return [s for s in suffixes if not any(m == s or m.endswith("." + s) for m in modules)]
+
+
+def native_size(folder: Path) -> int | None:
+    """The image side the model was trained at: UNet sample size x the VAE's downscale."""
+    import json
+
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)

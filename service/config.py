@@ -66,6 +66,24 @@ class Settings(BaseSettings):
     job_lease_s: float = 60.0
     job_max_attempts: int = 3
 
+    # Generation limits (out of range answers 422 naming the limit).
+    generate_max_steps: int = 150
+    generate_max_pixels: int = 1024 * 1024
+    generate_max_side: int = 2048
+    generate_max_images: int = 8
+    generate_max_prompt_chars: int = 2000
+    generate_max_adapters: int = 4
+    generate_default_wait_s: float = 60.0
+    generate_max_wait_s: float = 600.0
+    generate_batch_max: int = 8
+
+    # Inference engine in each worker (adapter slots and cache tiers).
+    inference_max_rank: int = 64
+    inference_device_cache_count: int = 64
+    inference_cpu_cache_bytes: int = 2 * 1024**3
+    inference_disk_cache_bytes: int = 20 * 1024**3
+    inference_dtype: str = Field(default="auto", description="auto | fp32 | fp16 | bf16")
+
     # Limits.
     max_upload_bytes: int = 512 * 1024 * 1024
     dataset_limits: Annotated[dict[str, int | float], NoDecode] = Field(

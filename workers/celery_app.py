@@ -15,7 +15,7 @@ app.conf.update(celery_config(get_settings()))
 
 
 @worker_ready.connect
-def _start_heartbeat(**_: Any) -> None:
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     from workers.engine.device import detect_device
     from workers.runtime import get_runtime
 
@@ -28,7 +28,13 @@ def _start_heartbeat(**_: Any) -> None:
             "mixed_precision": list(device.mixed_precision),
         }
     )
+    if sender is not None:
+        runtime.queues = tuple(sender.app.amqp.queues.consume_from)
     runtime.start_heartbeat()
+    if "generate" in runtime.queues:
+        from workers.generation import get_engine
+
+        get_engine(runtime)  # load the base model now, not on the first request
 
 
 @worker_shutdown.connect

@@ -8,7 +8,7 @@ import socket
 from service.db import unit_of_work
 from service.jobs import lifecycle
 from service.models import JobStatus
-from service.queue import TASK_PING, TASK_TRAIN
+from service.queue import TASK_GENERATE, TASK_PING, TASK_TRAIN
 from workers.celery_app import app
 from workers.runtime import get_runtime
 
@@ -41,3 +41,11 @@ def train(job_id: str) -> None:
     from workers.training import run_training_job
 
     run_training_job(get_runtime(), job_id)
+
+
+@app.task(name=TASK_GENERATE)
+def generate(job_id: str) -> None:
+    """Generate images for the job (and compatible queued ones) on the warm base model."""
+    from workers.generation import run_generation_job
+
+    run_generation_job(get_runtime(), job_id)

@@ -7,13 +7,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from service import idempotency
 from service.deps import AppSettings, Caller, Paging, UoW
+from service.idempotency import IdempotencyKeyHeader, IdempotentRequest, request_hash
 from service.jobs import lifecycle, training
 from service.jobs.schemas import JobEventList, JobEventOut, JobList, JobOut
 from service.jobs.service import get_job, list_events, list_jobs
@@ -68,7 +68,7 @@ async def create_job_route(
     uow: UoW,
     caller: Caller,
     settings: AppSettings,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobOut | TrainingPlanOut:
     """Queue a LoRA training run on a dataset; its result becomes the adapter's next version."""
 
@@ -87,41 +87,34 @@ async def create_job_route(
         )
 
     def create() -> JobOut:
-        scope = "POST /jobs"
-        request_hash = idempotency.hash_json(body.model_dump(mode="json"))
-        if idempotency_key:
-            existing = idempotency.lookup(
-                uow.session,
+        idem = (
+            IdempotentRequest(
                 tenant_id=caller.tenant_id,
-                scope=scope,
+                scope="POST /jobs",
                 key=idempotency_key,
-                request_hash=request_hash,
+                request_hash=request_hash(body.model_dump(mode="json")),
             )
-            if existing is not None:
-                job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=existing)
-                return JobOut.from_row(
-                    job, queue_position=lifecycle.queue_position(uow.session, job)
-                )
-        job = training.create_training_job(
-            uow.session,
-            settings=settings,
-            tenant_id=caller.tenant_id,
-            body=body,
-            dataset=dataset,
-            base_model=base_model,
+            if idempotency_key
+            else None
         )
-        if idempotency_key:
-            idempotency.remember(
+        existing = idem.find(uow.session) if idem else None
+        if existing is None:
+            job = training.create_training_job(
                 uow.session,
+                settings=settings,
                 tenant_id=caller.tenant_id,
-                scope=scope,
-                key=idempotency_key,
-                request_hash=request_hash,
-                resource_id=job.id,
+                body=body,
+                dataset=dataset,
+                base_model=base_model,
             )
-        job_id = job.id
-        uow.after_commit(lambda: uow.sender.send(TASK_TRAIN, job_id=job_id, queue=TRAIN_QUEUE))
-        uow.commit()
+            existing = idem.remember(uow.session, resource_id=job.id) if idem else job.id
+            if existing == job.id:
+                job_id = job.id
+                uow.after_commit(
+                    lambda: uow.sender.send(TASK_TRAIN, job_id=job_id, queue=TRAIN_QUEUE)
+                )
+                uow.commit()
+        job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=existing)
         return JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
 
     return await run_in_threadpool(create)

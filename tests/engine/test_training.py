@@ -455,3 +455,14 @@ def test_plan_sd15_from_config_only(tmp_path: Path) -> None:
     assert lean.trainable_params.text_encoder == 12 * 2 * 16 * (768 + 768)
     assert lean.memory.total < plan.memory.total / 2
     assert lean.seconds_per_step < plan.seconds_per_step
+
+
+def test_bf16_autocast_keeps_lora_weights_fp32(
+    tiny_pipeline_dir: Path, shape_items: list[TrainItem], tmp_path: Path
+) -> None:
+    config = dataclasses.replace(FAST, max_steps=2, mixed_precision="bf16", learning_rate=1e-2)
+    result = _train(tiny_pipeline_dir, shape_items, config, tmp_path)
+    tensors = load_file(str(result.adapter_path))
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert torch.isfinite(torch.tensor(result.final_loss))

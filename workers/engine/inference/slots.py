@@ -154,6 +154,8 @@ class LoraSlotPool:
                     module.scaling[slot] = 0.0
                 active = ()
             module.set_adapter(list(active), inference_mode=True)
+            if not hasattr(module, "_active_adapter"):
+                raise RuntimeError("this peft version keeps a layer's active adapters elsewhere")
             self._index[(component, name)] = len(self._layers)
             self._layers.append(
                 _SlotLayer(
@@ -319,10 +321,8 @@ class LoraSlotPool:
                 layer.scales[slot] = scale
             active = tuple(self.slot_names[slot] for slot, _ in wanted)
             if active != layer.active:
-                # Slots are frozen, so this only replaces the layer's active-adapter list; the
-                # forward pass adds the slots in this order (the order of the request).
-                layer.module.set_adapter(list(active), inference_mode=True)
-                layer.active = active
+                # The forward pass adds the slots in this order (the order of the request).
+                _set_layer_active(layer, active)
 
     @torch.no_grad()
     def _apply_static(self, layer_slots: Mapping[int, list[tuple[int, float]]]) -> None:
@@ -340,8 +340,7 @@ class LoraSlotPool:
             order += [s for s in range(self.max_active) if s not in wanted]
             active = tuple(self.slot_names[s] for s in order)
             if active != layer.active:
-                layer.module.set_adapter(list(active), inference_mode=True)
-                layer.active = active
+                _set_layer_active(layer, active)
 
     def release(self, adapter: ResidentAdapter) -> None:
         """Drop the pool's reference to ``adapter`` (evicted from the device tier).
@@ -352,3 +351,14 @@ class LoraSlotPool:
         for slot, held in enumerate(self._holders):
             if held is adapter:
                 self._holders[slot] = None
+
+
+def _set_layer_active(layer: _SlotLayer, active: tuple[str, ...]) -> None:
+    """Replace one LoRA layer's active-adapter list.
+
+    peft's ``set_adapter`` does the same and also walks every slot's parameters to set
+    ``requires_grad``; the slots are frozen once at injection, so the switch skips that walk
+    (about 20 calls per layer on each switch).
+    """
+    layer.module._active_adapter = list(active)
+    layer.active = active

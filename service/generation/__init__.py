@@ -1,0 +1,1 @@
+"""Generation: /generate, the OpenAI-compatible images API, and stored images."""

@@ -1,0 +1,249 @@
+"""POST /generate, POST /v1/images/generations (OpenAI-compatible), GET /images/{id}."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import AppSettings, Caller, Store, UoW
+from service.generation.schemas import (
+    GenerateOut,
+    GenerateRequest,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+)
+from service.generation.service import create_generation_job, generation_answer, get_image
+from service.idempotency import IdempotencyKeyHeader, IdempotentRequest, request_hash
+from service.jobs.schemas import JobOut
+from service.jobs.service import get_job
+from service.models import FINAL_JOB_STATUSES, Job, JobStatus
+from service.notify import DoneWaiter
+from service.problems import (
+    NotFound,
+    ServiceError,
+    ServiceUnavailable,
+    Unprocessable,
+    field_error,
+)
+from service.queue import GENERATE_QUEUE, TASK_GENERATE
+
+router = APIRouter(tags=["generation"])
+
+
+async def _run(
+    request: Request,
+    uow: UoW,
+    *,
+    tenant_id: str,
+    body: GenerateRequest,
+    wait_s: float,
+    idempotency_key: str | None,
+) -> Job:
+    """Create the job, send it, and wait up to ``wait_s`` for it to finish."""
+    settings = request.app.state.settings
+
+    def create() -> Job:
+        idem = (
+            IdempotentRequest(
+                tenant_id=tenant_id,
+                scope="POST /generate",
+                key=idempotency_key,
+                request_hash=request_hash(body.model_dump(mode="json")),
+            )
+            if idempotency_key
+            else None
+        )
+        existing = idem.find(uow.session) if idem else None
+        if existing is None:
+            job = create_generation_job(
+                uow.session, settings=settings, tenant_id=tenant_id, body=body
+            )
+            existing = idem.remember(uow.session, resource_id=job.id) if idem else job.id
+            if existing == job.id:
+                job_id = job.id
+                uow.after_commit(
+                    lambda: uow.sender.send(TASK_GENERATE, job_id=job_id, queue=GENERATE_QUEUE)
+                )
+                return job
+        return get_job(uow.session, tenant_id=tenant_id, job_id=existing)
+
+    job = await run_in_threadpool(create)
+    # Subscribe before the message goes out, so the notification can't be missed.
+    async with DoneWaiter(request.app.state.redis, settings, job.id) as waiter:
+        await run_in_threadpool(uow.commit)
+        deadline = time.monotonic() + wait_s
+        while job.status not in FINAL_JOB_STATUSES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await waiter.wait(min(remaining, 1.0))
+
+            job = await run_in_threadpool(_reload, uow, tenant_id, job.id)
+    return job
+
+
+def _reload(uow: UoW, tenant_id: str, job_id: str) -> Job:
+    """The job as committed now (the worker updates it from another process)."""
+    uow.session.expire_all()
+    fresh = get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
+    uow.session.rollback()
+    return fresh
+
+
+@router.post(
+    "/generate",
+    operation_id="generate",
+    response_model=GenerateOut,
+    responses={202: {"model": JobOut, "description": "not finished within `wait`: poll the job"}},
+)
+async def generate_route(
+    body: GenerateRequest,
+    request: Request,
+    response: Response,
+    uow: UoW,
+    caller: Caller,
+    settings: AppSettings,
+    store: Store,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> GenerateOut | JobOut:
+    """Generate images with any mix of adapters on the shared base model."""
+    wait_s = settings.generate_default_wait_s if body.wait is None else body.wait
+    if wait_s > settings.generate_max_wait_s:
+        raise field_error(
+            "wait",
+            f"over the limit {settings.generate_max_wait_s} (LORASTACK_GENERATE_MAX_WAIT_S)",
+            code="limit_exceeded",
+        )
+    job = await _run(
+        request,
+        uow,
+        tenant_id=caller.tenant_id,
+        body=body,
+        wait_s=wait_s,
+        idempotency_key=idempotency_key,
+    )
+    if job.status == JobStatus.SUCCEEDED.value:
+        return await run_in_threadpool(
+            lambda: generation_answer(
+                uow.session,
+                job=job,
+                store=store,
+                response_format=body.response_format,
+                base_url=str(request.base_url),
+            )
+        )
+    if job.status == JobStatus.FAILED.value:
+        raise ServiceError(
+            f"generation failed: {job.error_message}",
+            status=500 if job.error_code == "internal_error" else 422,
+            code=job.error_code or "generation_failed",
+            extra={"job_id": job.id},
+        )
+    response.status_code = 202
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return JobOut.from_row(job)
+
+
+@router.post(
+    "/v1/images/generations",
+    operation_id="openai_images_generations",
+    response_model=OpenAIImagesResponse,
+    tags=["openai"],
+)
+async def openai_images_route(
+    body: OpenAIImageRequest,
+    request: Request,
+    uow: UoW,
+    caller: Caller,
+    settings: AppSettings,
+    store: Store,
+) -> OpenAIImagesResponse:
+    """OpenAI-compatible: `model` is an adapter ref (weight 1) or a base model name."""
+    width = height = None
+    if body.size:
+        width, height = (int(v) for v in body.size.split("x"))
+        if width % 8 or height % 8:
+            raise field_error("size", "width and height must be multiples of 8")
+    adapters = []
+    base_model = None
+    if body.model and body.model in settings.model_sources:
+        base_model = body.model
+    elif body.model:
+        adapters = [{"ref": body.model, "weight": 1.0}]
+    generate = GenerateRequest.model_validate(
+        {
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
+            "adapters": adapters,
+            "base_model": base_model,
+            "width": width,
+            "height": height,
+            "seed": body.seed,
+            "num_images": body.n,
+            "response_format": body.response_format,
+            **(
+                {"num_inference_steps": body.num_inference_steps}
+                if body.num_inference_steps
+                else {}
+            ),
+        }
+    )
+    try:
+        job = await _run(
+            request,
+            uow,
+            tenant_id=caller.tenant_id,
+            body=generate,
+            wait_s=settings.generate_max_wait_s,
+            idempotency_key=None,
+        )
+    except Unprocessable as exc:
+        fields = [e.get("field") for e in exc.extra.get("errors", [])]
+        if adapters and fields == ["adapters.0.ref"]:
+            # OpenAI clients expect an unknown model to be a 404.
+            raise NotFound(f"model {body.model!r}: {exc.detail}", code="model_not_found") from None
+        raise
+    if job.status != JobStatus.SUCCEEDED.value:
+        if job.status == JobStatus.FAILED.value:
+            raise ServiceError(
+                f"generation failed: {job.error_message}",
+                code=job.error_code or "generation_failed",
+                status=422,
+                extra={"job_id": job.id},
+            )
+        raise ServiceUnavailable(
+            "generation did not finish in time", code="generation_timeout", extra={"job_id": job.id}
+        )
+    answer = await run_in_threadpool(
+        lambda: generation_answer(
+            uow.session,
+            job=job,
+            store=store,
+            response_format=body.response_format,
+            base_url=str(request.base_url),
+        )
+    )
+    created = int(job.finished_at.timestamp()) if job.finished_at else int(time.time())
+    return OpenAIImagesResponse(
+        created=created,
+        data=[OpenAIImage(url=i.url, b64_json=i.b64_json) for i in answer.images],
+    )
+
+
+@router.get(
+    "/images/{image_id}",
+    operation_id="get_image",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def image_route(image_id: str, uow: UoW, caller: Caller, store: Store) -> FileResponse:
+    image = get_image(uow.session, tenant_id=caller.tenant_id, image_id=image_id)
+    return FileResponse(
+        store.path(image.storage_key),
+        media_type="image/png",
+        headers={"Cache-Control": "private, max-age=31536000, immutable"},
+    )

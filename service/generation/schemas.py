@@ -1,0 +1,91 @@
+"""Generation requests and answers as the API shows them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SchedulerName = Literal["pndm", "ddim", "euler", "euler_a", "dpm++_2m", "lms"]
+
+
+class AdapterWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str = Field(max_length=220, description='"name", "name@3" or "name@prod"')
+    weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    negative_prompt: str | None = None
+    adapters: list[AdapterWeight] = Field(default_factory=list, description="empty = base model")
+    base_model: str | None = Field(None, description="default: the first configured")
+    num_inference_steps: int = Field(30, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
+    width: int | None = Field(None, ge=8, multiple_of=8, description="default: model native")
+    height: int | None = Field(None, ge=8, multiple_of=8, description="default: model native")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="random when absent; returned")
+    num_images: int = Field(1, ge=1)
+    scheduler: SchedulerName = "pndm"
+    response_format: Literal["url", "b64_json"] = "url"
+    wait: float | None = Field(
+        None,
+        ge=0,
+        description="seconds to wait for the images (default a setting); "
+        "0 or a timeout answers 202 with the job",
+    )
+
+
+class ImageOut(BaseModel):
+    id: str
+    seed: int | None
+    width: int
+    height: int
+    url: str | None = None
+    b64_json: str | None = None
+
+
+class ResolvedAdapter(BaseModel):
+    ref: str
+    name: str
+    version: int
+    weight: float
+
+
+class GenerateOut(BaseModel):
+    job_id: str
+    status: str
+    base_model: str
+    images: list[ImageOut]
+    adapters: list[ResolvedAdapter]
+    seed: int
+    timings: dict[str, float]
+
+
+class OpenAIImageRequest(BaseModel):
+    """The OpenAI images API body; extra OpenAI fields we don't use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = Field(None, description="an adapter ref or a base model name")
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$")
+    response_format: Literal["url", "b64_json"] = "url"
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    num_inference_steps: int | None = Field(None, ge=1)
+
+
+class OpenAIImage(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
