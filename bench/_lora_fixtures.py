@@ -12,13 +12,14 @@ from pathlib import Path
 # The benchmarks run as scripts (python bench/bench_x.py) from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from diffusers import StableDiffusionPipeline  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
-from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter  # noqa: E402
-from workers.engine.model_builder import build_pipeline_folder  # noqa: E402
+from workers.engine.inference import DEFAULT_TARGET_MODULES
+from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
+from workers.engine.model_builder import build_pipeline_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,12 +54,20 @@ def prepare_model(preset: str, workdir: Path) -> Path:
     return out
 
 
-def adapter_spec(index: int, *, uniform: bool = False) -> RandomLoraSpec:
+def adapter_spec(index: int, *, uniform: bool = False, large: bool = False) -> RandomLoraSpec:
     """Varied adapters: ranks 4 and 8, several alphas, some with text-encoder LoRA.
 
     ``uniform`` keeps rank 8 and the same targets for all (alpha still varies), so that every
     switch does the same work and only the number of resident adapters changes.
     """
+    if large:
+        # Rank 64 on every module the slot pool covers: the heaviest adapter the engine takes.
+        return RandomLoraSpec(
+            rank=64,
+            alpha=float(16 + index % 3 * 16),
+            unet_targets=DEFAULT_TARGET_MODULES["unet"],
+            text_encoder_targets=DEFAULT_TARGET_MODULES["text_encoder"],
+        )
     if uniform:
         return RandomLoraSpec(rank=8, alpha=float(4 + index % 5), text_encoder_targets=("q_proj",))
     rank = 4 if index % 2 == 0 else 8
@@ -68,10 +77,10 @@ def adapter_spec(index: int, *, uniform: bool = False) -> RandomLoraSpec:
 
 
 def write_adapters(
-    pipeline_dir: Path, workdir: Path, count: int, *, uniform: bool = False
+    pipeline_dir: Path, workdir: Path, count: int, *, uniform: bool = False, large: bool = False
 ) -> list[Path]:
     """``count`` random diffusers-format adapter files (reused when already written)."""
-    out = workdir / ("adapters-uniform" if uniform else "adapters")
+    out = workdir / ("adapters-large" if large else "adapters-uniform" if uniform else "adapters")
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"adapter{i:03d}.safetensors" for i in range(count)]
     missing = [i for i, p in enumerate(paths) if not p.exists()]
@@ -79,7 +88,7 @@ def write_adapters(
         pipeline = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
         writer = RandomLoraWriter(pipeline)
         for i in missing:
-            writer.write(paths[i], adapter_spec(i, uniform=uniform), seed=i)
+            writer.write(paths[i], adapter_spec(i, uniform=uniform, large=large), seed=i)
     return paths
 
 

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from service import __version__
+from service.adapters.routes import router as adapters_router
 from service.body_limit import BodyLimitMiddleware
 from service.config import Settings, get_settings
 from service.datasets.routes import router as datasets_router
@@ -55,4 +56,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(datasets_router)
     app.include_router(generation_router)
+    app.include_router(adapters_router)
     return app

@@ -1,10 +1,13 @@
-"""Adapter versions in SQL: publishing (atomic version numbers, idempotent per job) and aliases."""
+"""Adapter versions in SQL: publishing (atomic version numbers, idempotent per job), aliases
+with their history, and removing versions."""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Sequence
+from typing import Any, Final
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -13,7 +16,26 @@ from service.models import Adapter, AdapterAlias, AdapterAliasEvent, AdapterVers
 from service.problems import field_error
 from service.storage import StoredObject
 
-LATEST = "latest"
+LATEST: Final = "latest"
+# Lowercase, not purely numeric (a number in a ref means a version), never ``latest``.
+ALIAS_PATTERN: Final = re.compile(r"^[a-z0-9._-]{1,100}$")
+
+
+def check_alias_name(alias: str, *, field: str = "alias") -> None:
+    """Raise 422 unless ``alias`` is a name a client may set (``latest`` is the system's)."""
+    if not ALIAS_PATTERN.fullmatch(alias) or alias.isdigit():
+        raise field_error(
+            field,
+            f"invalid alias {alias!r}: use 1-100 of a-z 0-9 . _ - and not only digits",
+            code="invalid_alias",
+        )
+    if alias == LATEST:
+        raise field_error(
+            field,
+            "'latest' always points at the newest version and cannot be set or removed; "
+            "use another alias (e.g. 'prod') to pin a version",
+            code="reserved_alias",
+        )
 
 
 def get_or_create_adapter(
@@ -30,13 +52,19 @@ def get_or_create_adapter(
         except IntegrityError:
             adapter = session.scalar(query)
             assert adapter is not None
+    check_base_model(adapter, base_model)
+    return adapter
+
+
+def check_base_model(adapter: Adapter, base_model: str) -> None:
+    """422 unless ``adapter`` belongs to ``base_model`` (versions of one adapter share it)."""
     if adapter.base_model != base_model:
         raise field_error(
             "base_model",
-            f"adapter {name!r} belongs to base model {adapter.base_model!r}, not {base_model!r}",
+            f"adapter {adapter.name!r} belongs to base model {adapter.base_model!r}, "
+            f"not {base_model!r}",
             code="base_model_mismatch",
         )
-    return adapter
 
 
 def _next_version(session: Session, adapter_id: str) -> int:
@@ -96,8 +124,21 @@ def publish_version(
     )
     session.add(version)
     session.flush()
-    move_alias(session, adapter=adapter, alias=LATEST, version=version.version, actor=actor)
+    current = alias_target(session, adapter_id=adapter.id, alias=LATEST)
+    # Version numbers only grow, so the new one is the newest; the guard keeps `latest` on
+    # the maximum even if two publishes ever reach this point out of order.
+    if current is None or current < version.version:
+        move_alias(session, adapter=adapter, alias=LATEST, version=version.version, actor=actor)
     return version
+
+
+def alias_target(session: Session, *, adapter_id: str, alias: str) -> int | None:
+    """The version ``alias`` points at, or None."""
+    return session.scalar(
+        select(AdapterAlias.version).where(
+            AdapterAlias.adapter_id == adapter_id, AdapterAlias.alias == alias
+        )
+    )
 
 
 def move_alias(
@@ -130,3 +171,63 @@ def move_alias(
         )
     )
     session.flush()
+
+
+def aliases_of(session: Session, adapter_id: str) -> Sequence[AdapterAlias]:
+    """Every alias of an adapter, by name."""
+    return session.scalars(
+        select(AdapterAlias)
+        .where(AdapterAlias.adapter_id == adapter_id)
+        .order_by(AdapterAlias.alias)
+    ).all()
+
+
+def alias_history(
+    session: Session, adapter_id: str, *, limit: int = 100
+) -> Sequence[AdapterAliasEvent]:
+    """The most recent alias moves of an adapter, newest first."""
+    return session.scalars(
+        select(AdapterAliasEvent)
+        .where(AdapterAliasEvent.adapter_id == adapter_id)
+        .order_by(AdapterAliasEvent.id.desc())
+        .limit(limit)
+    ).all()
+
+
+def remove_version(
+    session: Session, *, adapter: Adapter, version: AdapterVersion, actor: str | None
+) -> list[str]:
+    """Delete ``version``, dropping every alias on it (recorded) and moving ``latest`` back to
+    the newest remaining version. Returns the aliases (other than latest) that were removed.
+
+    The caller decides whether removing aliases is allowed (the route's ``force``).
+    """
+    removed: list[str] = []
+    for row in aliases_of(session, adapter.id):
+        if row.version == version.version and row.alias != LATEST:
+            move_alias(session, adapter=adapter, alias=row.alias, version=None, actor=actor)
+            removed.append(row.alias)
+    session.delete(version)
+    session.flush()
+    newest = session.scalar(
+        select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id)
+    )
+    move_alias(session, adapter=adapter, alias=LATEST, version=newest, actor=actor)
+    return removed
+
+
+def remove_adapter(session: Session, *, adapter: Adapter) -> list[str]:
+    """Delete an adapter with its versions, aliases and history; returns the versions' keys."""
+    keys = list(
+        session.scalars(
+            select(AdapterVersion.storage_key).where(AdapterVersion.adapter_id == adapter.id)
+        )
+    )
+    # Explicit deletes rather than relying on ON DELETE CASCADE, which SQLite only honours
+    # with its foreign_keys pragma on.
+    session.execute(delete(AdapterAliasEvent).where(AdapterAliasEvent.adapter_id == adapter.id))
+    session.execute(delete(AdapterAlias).where(AdapterAlias.adapter_id == adapter.id))
+    session.execute(delete(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id))
+    session.delete(adapter)
+    session.flush()
+    return keys

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import AppSettings, Caller, Store, UoW
@@ -109,7 +109,7 @@ async def generate_route(
     settings: AppSettings,
     store: Store,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> GenerateOut | JobOut:
+) -> GenerateOut | JSONResponse:
     """Generate images with any mix of adapters on the shared base model."""
     wait_s = settings.generate_default_wait_s if body.wait is None else body.wait
     if wait_s > settings.generate_max_wait_s:
@@ -143,9 +143,11 @@ async def generate_route(
             code=job.error_code or "generation_failed",
             extra={"job_id": job.id},
         )
-    response.status_code = 202
-    response.headers["Location"] = f"/jobs/{job.id}"
-    return JobOut.from_row(job)
+    return JSONResponse(
+        JobOut.from_row(job).model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": f"/jobs/{job.id}"},
+    )
 
 
 @router.post(

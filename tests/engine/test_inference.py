@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.utils import is_scipy_available
 
 from tests.engine.conftest_inference import (
@@ -28,6 +29,7 @@ from workers.engine.inference import (
     InferenceEngine,
     load_lora_file,
 )
+from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
 
 __all__ = ["fresh_pipeline", "lora_files", "lora_writer", "single_cpu_thread", "tiny_pipeline_dir"]
 
@@ -77,7 +79,7 @@ def _seeds(seed: int, count: int) -> list[int]:
 def test_two_adapters_match_fresh_pipeline_with_set_adapters(
     any_engine: InferenceEngine,
     lora_files: dict[str, Path],
-    fresh_pipeline: Callable[[], StableDiffusionPipeline],
+    fresh_pipeline: Callable[[], Any],
 ) -> None:
     reference = fresh_pipeline()
     base = reference_latents(reference, prompt=PROMPT, seeds=_seeds(11, 2), steps=STEPS)
@@ -109,7 +111,7 @@ def test_two_adapters_match_fresh_pipeline_with_set_adapters(
 def test_single_adapter_matches_fresh_pipeline(
     engine: InferenceEngine,
     lora_files: dict[str, Path],
-    fresh_pipeline: Callable[[], StableDiffusionPipeline],
+    fresh_pipeline: Callable[[], Any],
     name: str,
     weight: float,
 ) -> None:
@@ -128,7 +130,7 @@ def test_single_adapter_matches_fresh_pipeline(
 def test_no_adapters_after_use_equals_pristine_base_exactly(
     any_engine: InferenceEngine,
     lora_files: dict[str, Path],
-    fresh_pipeline: Callable[[], StableDiffusionPipeline],
+    fresh_pipeline: Callable[[], Any],
 ) -> None:
     reference = fresh_pipeline()
     expected = reference_latents(reference, prompt=PROMPT, seeds=_seeds(3, 2), steps=STEPS)
@@ -186,11 +188,9 @@ def test_alpha_comes_from_metadata_or_defaults_to_rank(lora_files: dict[str, Pat
 def test_unservable_adapters_are_rejected(
     engine: InferenceEngine,
     tiny_pipeline_dir: Path,
-    lora_writer,
+    lora_writer: RandomLoraWriter,
     tmp_path: Path,
 ) -> None:
-    from workers.engine.inference.random_lora import RandomLoraSpec
-
     too_big = lora_writer.write(tmp_path / "r16.safetensors", RandomLoraSpec(rank=16), seed=3)
     uncovered = lora_writer.write(
         tmp_path / "conv.safetensors", RandomLoraSpec(rank=4, unet_targets=("conv1",)), seed=4
@@ -224,7 +224,7 @@ def test_generate_batch_matches_single_requests(
 
 
 def test_schedulers_swap_without_reload(
-    engine: InferenceEngine, fresh_pipeline: Callable[[], StableDiffusionPipeline]
+    engine: InferenceEngine, fresh_pipeline: Callable[[], Any]
 ) -> None:
     outputs = {}
     for name in SCHEDULER_NAMES:

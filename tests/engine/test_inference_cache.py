@@ -47,7 +47,8 @@ class CopyingFetch:
     """Downloads from the store by copying into a local directory; counts its calls."""
 
     def __init__(self, store: Path, local: Path) -> None:
-        self.store, self.local, self.calls = store, local, []
+        self.store, self.local = store, local
+        self.calls: list[str] = []
 
     def __call__(self, key: str) -> Path:
         self.calls.append(key)
@@ -57,9 +58,23 @@ class CopyingFetch:
         )
 
 
-def _cache(pool: LoraSlotPool, fetch: CopyingFetch, **limits: int | bool | None) -> AdapterCache:
+def _cache(
+    pool: LoraSlotPool,
+    fetch: CopyingFetch,
+    *,
+    device_limit_count: int | None = 64,
+    cpu_limit_bytes: int | None = None,
+    disk_limit_bytes: int | None = None,
+    delete_evicted_files: bool = False,
+) -> AdapterCache:
     return AdapterCache(
-        make_resident=pool.make_resident, on_device_evict=pool.release, fetch=fetch, **limits
+        make_resident=pool.make_resident,
+        on_device_evict=pool.release,
+        fetch=fetch,
+        device_limit_count=device_limit_count,
+        cpu_limit_bytes=cpu_limit_bytes,
+        disk_limit_bytes=disk_limit_bytes,
+        delete_evicted_files=delete_evicted_files,
     )
 
 
@@ -199,6 +214,6 @@ def test_memory_stays_flat_loading_and_evicting_100_adapters(
     after = rss_bytes()
 
     snapshot = engine.cache.snapshot()
-    assert all(snapshot[tier]["count"] == 0 for tier in ("disk", "cpu", "device"))  # type: ignore[literal-required]
+    assert all(snapshot[tier]["count"] == 0 for tier in ("disk", "cpu", "device"))
     assert 90 * adapter_bytes > 0.2 * before, "adapters too small for the test to mean anything"
     assert after <= before * 1.03, f"RSS grew from {before} to {after}"

@@ -202,15 +202,14 @@ class AdapterCache:
     def tiers_of(self, key: str) -> set[Tier]:
         """The tiers that hold ``key`` now."""
         with self._lock:
-            return {
-                tier
-                for tier, store in (
-                    ("disk", self._disk),
-                    ("cpu", self._cpu),
-                    ("device", self._device),
-                )
-                if key in store.entries
-            }
+            held: set[Tier] = set()
+            if key in self._disk.entries:
+                held.add("disk")
+            if key in self._cpu.entries:
+                held.add("cpu")
+            if key in self._device.entries:
+                held.add("device")
+            return held
 
     def snapshot(self) -> CacheSnapshot:
         """What each tier holds (keys, bytes, pinned), oldest first, for the /workers endpoint."""

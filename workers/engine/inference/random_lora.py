@@ -37,7 +37,8 @@ class RandomLoraSpec:
 class RandomLoraWriter:
     """Writes random diffusers-format LoRA files for one base pipeline."""
 
-    def __init__(self, pipeline: StableDiffusionPipeline) -> None:
+    def __init__(self, pipeline: Any) -> None:
+        """``pipeline``: a loaded ``StableDiffusionPipeline`` (its UNet and text encoder)."""
         self._unet = pipeline.unet
         self._text_encoder = pipeline.text_encoder
         self._injected: dict[tuple[Any, ...], torch.nn.Module] = {}
@@ -50,7 +51,7 @@ class RandomLoraWriter:
             model = copy.deepcopy(base)
             config = LoraConfig(
                 r=spec.rank,
-                lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+                lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,  # type: ignore[arg-type]
                 target_modules=list(targets),
             )
             with warnings.catch_warnings():

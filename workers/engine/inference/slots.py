@@ -138,8 +138,8 @@ class LoraSlotPool:
         for name, module in model.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
-            lora_A = [module.lora_A[slot].weight for slot in self.slot_names]
-            lora_B = [module.lora_B[slot].weight for slot in self.slot_names]
+            lora_A: list[torch.Tensor] = [_weight(module.lora_A[s]) for s in self.slot_names]
+            lora_B: list[torch.Tensor] = [_weight(module.lora_B[s]) for s in self.slot_names]
             with torch.no_grad():
                 for weight in (*lora_A, *lora_B):
                     weight.zero_()
@@ -351,6 +351,12 @@ class LoraSlotPool:
         for slot, held in enumerate(self._holders):
             if held is adapter:
                 self._holders[slot] = None
+
+
+def _weight(lora_module: torch.nn.Module) -> torch.Tensor:
+    weight = lora_module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def _set_layer_active(layer: _SlotLayer, active: tuple[str, ...]) -> None:
