@@ -33,6 +33,7 @@ VersionSelector = Annotated[
 ]
 AliasName = Annotated[str, Path(max_length=100, description="lowercase a-z 0-9 . _ -")]
 IMPORT_SCOPE = "POST /adapters/import"
+REPLAYED_HEADER = "Idempotent-Replayed"
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -166,9 +167,9 @@ def download_version_route(
     uow: UoW,
     caller: Caller,
     store: Store,
-    format: Annotated[DownloadFormat, Query(description="diffusers (default) or kohya")] = (
-        "diffusers"
-    ),
+    fmt: Annotated[
+        DownloadFormat, Query(alias="format", description="diffusers (default) or kohya")
+    ] = "diffusers",
 ) -> Response:
     """The version as a safetensors file with lorastack metadata in its header.
 
@@ -176,7 +177,7 @@ def download_version_route(
     """
     adapter = service.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
     row = service.resolve_version(uow.session, adapter=adapter, selector=version)
-    served = service.download_file(store, adapter=adapter, version=row, fmt=format)
+    served = service.download_file(store, adapter=adapter, version=row, fmt=fmt)
     etag = f'"{served.sha256}"'
     headers = {
         "ETag": etag,
@@ -211,6 +212,7 @@ def download_version_route(
     response_model=ImportedVersionOut,
 )
 def import_adapter_route(
+    response: Response,
     uow: UoW,
     caller: Caller,
     settings: AppSettings,
@@ -239,6 +241,7 @@ def import_adapter_route(
         )
         first = keyed.find(uow.session)
         if first is not None:
+            response.headers[REPLAYED_HEADER] = "true"
             return _imported_view(uow, caller.tenant_id, first)
     imported = service.import_adapter(
         uow.session,
@@ -258,6 +261,7 @@ def import_adapter_route(
             if winner != imported.version.id:
                 # A concurrent request with the same key committed first; ours is rolled back.
                 service.discard_unreferenced(uow.session, store, new_keys)
+                response.headers[REPLAYED_HEADER] = "true"
                 return _imported_view(uow, caller.tenant_id, winner)
         view = ImportedVersionOut(
             **service.version_view(uow.session, imported.adapter, imported.version).model_dump(),

@@ -77,6 +77,7 @@ _STORED_LIMITS: Final = SafetensorsLimits(
     max_header_bytes=64 << 20, max_tensors=1 << 20, max_total_bytes=1 << 40
 )
 _NAME_RE: Final = re.compile(ADAPTER_NAME_PATTERN)
+_MAX_VERSION: Final = 2**31 - 1
 _SELECTOR: Final = r"[a-z0-9._-]{1,100}"
 _SELECTOR_RE: Final = re.compile(_SELECTOR)
 _REF_RE: Final = re.compile(
@@ -123,6 +124,8 @@ def resolve_version(
         if selector.isdigit()
         else registry.alias_target(session, adapter_id=adapter.id, alias=selector)
     )
+    if number is not None and number > _MAX_VERSION:
+        number = None  # no such version; and too big for an SQL integer
     version = (
         None
         if number is None

@@ -340,3 +340,43 @@ def test_duplicate_train_message_runs_once(
     wait_status(client, auth, follow["id"], {"succeeded"})  # the duplicate was consumed first
     again = client.get(f"/jobs/{job['id']}", headers=auth).json()
     assert again["attempts"] == 1 and again["result"]["version"] == done["result"]["version"]
+
+
+def test_job_that_keeps_killing_its_worker_fails_and_the_queue_drains(
+    client: TestClient, auth: dict[str, str], stack: Stack, worker: subprocess.Popen[bytes]
+) -> None:
+    dataset_id = upload_dataset(client, auth, count=2)
+    doomed = submit(
+        client,
+        auth,
+        dataset_id=dataset_id,
+        adapter_name="doomed",
+        hyperparameters={**FAST, "max_steps": 5000, "checkpoint_every": 1000},
+    )
+    behind = submit(
+        client,
+        auth,
+        dataset_id=dataset_id,
+        adapter_name="behind",
+        hyperparameters={**FAST, "max_steps": 2},
+    )
+    max_attempts = doomed["max_attempts"]
+    for attempt in range(1, max_attempts + 1):
+
+        def running_attempt(attempt: int = attempt) -> int | None:
+            job = client.get(f"/jobs/{doomed['id']}", headers=auth).json()
+            if job["status"] == "running" and job["attempts"] == attempt:
+                return _holder_pid(stack, doomed["id"])
+            return None
+
+        pid: int = wait_for(running_attempt, timeout=120, what=f"attempt {attempt} to start")
+        os.killpg(pid, signal.SIGKILL)  # this job "crashes" every worker that runs it
+        victim = next(p for p in stack.workers if p.pid == pid)
+        victim.wait()
+        stack.workers.remove(victim)
+        if not any(p.poll() is None for p in stack.workers):
+            stack.start_worker()
+    failed = wait_status(client, auth, doomed["id"], {"failed", "succeeded"}, timeout=120)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost"
+    assert failed["attempts"] == max_attempts
+    assert wait_status(client, auth, behind["id"], {"succeeded", "failed"})["status"] == "succeeded"

@@ -350,7 +350,7 @@ def test_an_oversized_upload_is_refused_while_it_is_read() -> None:
 
 
 def test_import_validates_name_and_base_model(
-    client: TestClient, auth: Headers, source_lora: SourceLora
+    client: TestClient, auth: Headers, source_lora: SourceLora, stack: Stack
 ) -> None:
     data = source_lora.path.read_bytes()
     body = assert_problem(
@@ -361,6 +361,15 @@ def test_import_validates_name_and_base_model(
         import_file(client, auth, data, name="ok", base_model="sdxl"), 422, "unknown_base_model"
     )
     assert body["errors"][0]["field"] == "base_model"
+    imported(client, auth, data, name="on-tiny")
+    with unit_of_work(stack.session_factory) as session:
+        adapter = session.scalar(select(Adapter).where(Adapter.name == "on-tiny"))
+        assert adapter is not None
+        adapter.base_model = "sd15"  # as if it had been made for another base model
+    body = assert_problem(
+        import_file(client, auth, data, name="on-tiny"), 422, "base_model_mismatch"
+    )
+    assert "sd15" in body["detail"]
 
 
 def test_import_with_an_idempotency_key_publishes_once(
@@ -372,6 +381,8 @@ def test_import_with_an_idempotency_key_publishes_once(
     again = import_file(client, auth, data, name="idem", headers=key)
     assert first.status_code == again.status_code == 201
     assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
     assert client.get("/adapters/idem", headers=auth).json()["version_count"] == 1
     other = import_file(client, auth, data, name="idem-2", headers=key)
     assert_problem(other, 422, "idempotency_key_reused")
@@ -611,18 +622,19 @@ def test_another_tenants_adapter_is_404_on_every_route(
     data = source_lora.path.read_bytes()
     imported(client, auth, data, name="mine")
     client.put("/adapters/mine/aliases/prod", headers=auth, json={"version": 1})
-    for method, path, kwargs in [
-        ("GET", "/adapters/mine", {}),
-        ("GET", "/adapters/mine/versions/1", {}),
-        ("GET", "/adapters/mine/versions/prod", {}),
-        ("GET", "/adapters/mine/versions/1/download", {}),
-        ("GET", "/adapters/mine/versions/1/download?format=kohya", {}),
-        ("PUT", "/adapters/mine/aliases/prod", {"json": {"version": 1}}),
-        ("DELETE", "/adapters/mine/aliases/prod", {}),
-        ("DELETE", "/adapters/mine/versions/1?force=true", {}),
-        ("DELETE", "/adapters/mine", {}),
-    ]:
-        response = client.request(method, path, headers=other_auth, **kwargs)
+    routes: list[tuple[str, str, dict[str, int] | None]] = [
+        ("GET", "/adapters/mine", None),
+        ("GET", "/adapters/mine/versions/1", None),
+        ("GET", "/adapters/mine/versions/prod", None),
+        ("GET", "/adapters/mine/versions/1/download", None),
+        ("GET", "/adapters/mine/versions/1/download?format=kohya", None),
+        ("PUT", "/adapters/mine/aliases/prod", {"version": 1}),
+        ("DELETE", "/adapters/mine/aliases/prod", None),
+        ("DELETE", "/adapters/mine/versions/1?force=true", None),
+        ("DELETE", "/adapters/mine", None),
+    ]
+    for method, path, body in routes:
+        response = client.request(method, path, headers=other_auth, json=body)
         assert_problem(response, 404, "adapter_not_found")
     assert client.get("/adapters", headers=other_auth).json()["data"] == []
     # Names are per tenant: the other tenant's "mine" is its own adapter.
@@ -703,8 +715,7 @@ def test_promote_a_training_checkpoint(
         stack.settings.resolved_artifact_dir
         / f"jobs/{job_id}/checkpoints/checkpoint-1/pytorch_lora_weights.safetensors"
     )
-    if weights.is_file():  # retention may have pruned it after the promote copied it
-        assert body["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert body["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     served = download(client, auth, "trained", 2)
     metadata = header_metadata(served)
     assert metadata["lorastack_base_model"] == "tiny" and metadata["lorastack_rank"] == "4"
@@ -733,3 +744,16 @@ def test_promote_a_training_checkpoint(
         (2, "checkpoint"),
     ]
     assert adapter["latest_version"] == 2
+
+
+def test_version_selectors_that_name_nothing(
+    client: TestClient, auth: Headers, source_lora: SourceLora
+) -> None:
+    imported(client, auth, source_lora.path.read_bytes(), name="selectors")
+    for selector in ("2", "0", "9" * 40, "staging"):
+        response = client.get(f"/adapters/selectors/versions/{selector}", headers=auth)
+        assert_problem(response, 404, "version_not_found")
+    body = assert_problem(
+        client.get("/adapters/selectors/versions/Prod", headers=auth), 422, "invalid_version"
+    )
+    assert body["errors"][0]["field"] == "version"
