@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from service.adapters.registry import publish_version
+from service.adapters.service import canonical_file_bytes
 from service.base_models import local_folder
 from service.db import unit_of_work, utcnow
 from service.jobs import lifecycle
@@ -267,7 +268,15 @@ def _train_and_publish(rt: WorkerRuntime, job: Job) -> None:
         callbacks=callbacks,
         device=rt.info.get("device"),
     )
-    stored = rt.store.put_file(result.adapter_path, prefix="adapters", suffix=".safetensors")
+    # Every stored version is in the canonical diffusers form (lora_A/lora_B, alpha in the header).
+    data = (
+        canonical_file_bytes(
+            result.adapter_path, base_model_dir=folder, base_model=job.base_model or ""
+        )
+        if folder is not None
+        else result.adapter_path.read_bytes()
+    )
+    stored = rt.store.put_bytes(data, prefix="adapters", suffix=".safetensors")
     with unit_of_work(rt.session_factory) as session:
         started = session.scalar(select(Job.started_at).where(Job.id == job.id)) or utcnow()
         duration = (utcnow() - started).total_seconds()

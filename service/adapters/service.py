@@ -530,12 +530,17 @@ def promote_checkpoint(
             f"checkpoint {step} of job {job_id!r} is unreadable: {exc.message}",
             code=str(exc.code),
         ) from exc
-    data = weights.read_bytes()
+    source = settings.model_sources.get(job.base_model)
+    folder = local_folder(source) if source else None
+    data = (
+        canonical_file_bytes(weights, base_model_dir=folder, base_model=job.base_model)
+        if folder is not None
+        else weights.read_bytes()
+    )
     file = _store_bytes(store, data)
     hyperparameters: dict[str, Any] = dict(job.params.get("hyperparameters") or {})
     rank = hyperparameters.get("rank")
     alpha = hyperparameters.get("alpha") or rank
-    source = settings.model_sources.get(job.base_model)
     with _discard_on_failure(session, store, file):
         version = registry.publish_version(
             session,
@@ -738,6 +743,22 @@ def _rewrite_header(source: bytes | Path, extra: dict[str, str] | None = None) -
 def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
     """``write_safetensors`` with a canonical header: the same adapter gives the same bytes."""
     return _rewrite_header(write_safetensors(tensors, metadata))
+
+
+def canonical_file_bytes(path: Path, *, base_model_dir: Path, base_model: str) -> bytes:
+    """A trained adapter file in the canonical diffusers form every stored version uses.
+
+    Adapters the canonical form can't express (DoRA) are kept as the trainer wrote them.
+    """
+    try:
+        tensors, metadata, _ = canonicalize(
+            path, base_model_dir=base_model_dir, base_model=base_model, limits=_STORED_LIMITS
+        )
+    except AdapterLintError as exc:
+        if exc.code != "unsupported_adapter":
+            raise
+        return path.read_bytes()
+    return safetensors_bytes(tensors, metadata)
 
 
 def download_file(
