@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -101,3 +101,27 @@ class IdempotentRequest:
                 raise
             return winner
         return resource_id
+
+
+def create_once(
+    session: Session,
+    *,
+    tenant_id: str,
+    scope: str,
+    key: str | None,
+    payload: Mapping[str, Any],
+    create: Callable[[], str],
+) -> tuple[str, bool]:
+    """Run ``create`` (which flushes a resource and returns its id) unless an earlier request
+    with this Idempotency-Key did. Returns (resource id, created by this call)."""
+    if not key:
+        return create(), True
+    request = IdempotentRequest(
+        tenant_id=tenant_id, scope=scope, key=key, request_hash=request_hash(payload)
+    )
+    existing = request.find(session)
+    if existing is not None:
+        return existing, False
+    resource_id = create()
+    winner = request.remember(session, resource_id=resource_id)
+    return winner, winner == resource_id

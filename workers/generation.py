@@ -112,10 +112,7 @@ def _claim_batch(rt: WorkerRuntime, first: Job) -> list[Job]:
 
 
 def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
-    with unit_of_work(rt.session_factory) as session:
-        job = lifecycle.take_lease(
-            session, job_id=job_id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
-        )
+    job = rt.lease(job_id)
     if job is None:
         log.info("generate %s: not queued any more (done, batched or cancelled)", job_id)
         return

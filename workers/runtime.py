@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings, get_settings
 from service.db import make_engine, make_session_factory, process_id, unit_of_work, utcnow
 from service.jobs import lifecycle
-from service.models import Worker
+from service.models import Job, Worker
 from service.queue import QUEUES, TaskSender
 from service.storage import ArtifactStore
 
@@ -76,6 +76,14 @@ class WorkerRuntime:
         for job in requeued:
             log.warning("requeued job %s after its worker was lost", job.job_id)
             self.sender.send(_task_for(job.kind), job_id=job.job_id, queue=job.queue)
+
+    def lease(self, job_id: str) -> Job | None:
+        """Take the job's lease (returns the Job), or None when it is not queued any more:
+        a duplicate delivery, a job batched into another, or a cancelled one."""
+        with unit_of_work(self.session_factory) as session:
+            return lifecycle.take_lease(
+                session, job_id=job_id, owner=self.worker_id, lease_s=self.settings.job_lease_s
+            )
 
     def start_heartbeat(self) -> None:
         self.register()

@@ -167,10 +167,7 @@ class SqlCallbacks(NullCallbacks):
 
 def run_training_job(rt: WorkerRuntime, job_id: str) -> None:
     """Lease the job, train (resuming from its last checkpoint), publish, record the outcome."""
-    with unit_of_work(rt.session_factory) as session:
-        job = lifecycle.take_lease(
-            session, job_id=job_id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
-        )
+    job = rt.lease(job_id)
     if job is None:
         log.info("train %s: not queued any more (duplicate delivery or cancelled)", job_id)
         return

@@ -17,7 +17,7 @@ from service.generation.schemas import (
     OpenAIImagesResponse,
 )
 from service.generation.service import create_generation_job, generation_answer, get_image
-from service.idempotency import IdempotencyKeyHeader, IdempotentRequest, request_hash
+from service.idempotency import IdempotencyKeyHeader, create_once
 from service.jobs.schemas import JobOut
 from service.jobs.service import get_job
 from service.models import FINAL_JOB_STATUSES, Job, JobStatus
@@ -47,29 +47,23 @@ async def _run(
     settings = request.app.state.settings
 
     def create() -> Job:
-        idem = (
-            IdempotentRequest(
-                tenant_id=tenant_id,
-                scope="POST /generate",
-                key=idempotency_key,
-                request_hash=request_hash(body.model_dump(mode="json")),
-            )
-            if idempotency_key
-            else None
+        job_id, created = create_once(
+            uow.session,
+            tenant_id=tenant_id,
+            scope="POST /generate",
+            key=idempotency_key,
+            payload=body.model_dump(mode="json"),
+            create=lambda: (
+                create_generation_job(
+                    uow.session, settings=settings, tenant_id=tenant_id, body=body
+                ).id
+            ),
         )
-        existing = idem.find(uow.session) if idem else None
-        if existing is None:
-            job = create_generation_job(
-                uow.session, settings=settings, tenant_id=tenant_id, body=body
+        if created:
+            uow.after_commit(
+                lambda: uow.sender.send(TASK_GENERATE, job_id=job_id, queue=GENERATE_QUEUE)
             )
-            existing = idem.remember(uow.session, resource_id=job.id) if idem else job.id
-            if existing == job.id:
-                job_id = job.id
-                uow.after_commit(
-                    lambda: uow.sender.send(TASK_GENERATE, job_id=job_id, queue=GENERATE_QUEUE)
-                )
-                return job
-        return get_job(uow.session, tenant_id=tenant_id, job_id=existing)
+        return get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
 
     job = await run_in_threadpool(create)
     # Subscribe before the message goes out, so the notification can't be missed.

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import AppSettings, Caller, Paging, UoW
-from service.idempotency import IdempotencyKeyHeader, IdempotentRequest, request_hash
+from service.idempotency import IdempotencyKeyHeader, create_once
 from service.jobs import lifecycle, training
 from service.jobs.schemas import JobEventList, JobEventOut, JobList, JobOut
 from service.jobs.service import get_job, list_events, list_jobs
@@ -87,34 +87,27 @@ async def create_job_route(
         )
 
     def create() -> JobOut:
-        idem = (
-            IdempotentRequest(
-                tenant_id=caller.tenant_id,
-                scope="POST /jobs",
-                key=idempotency_key,
-                request_hash=request_hash(body.model_dump(mode="json")),
-            )
-            if idempotency_key
-            else None
+        job_id, created = create_once(
+            uow.session,
+            tenant_id=caller.tenant_id,
+            scope="POST /jobs",
+            key=idempotency_key,
+            payload=body.model_dump(mode="json"),
+            create=lambda: (
+                training.create_training_job(
+                    uow.session,
+                    settings=settings,
+                    tenant_id=caller.tenant_id,
+                    body=body,
+                    dataset=dataset,
+                    base_model=base_model,
+                ).id
+            ),
         )
-        existing = idem.find(uow.session) if idem else None
-        if existing is None:
-            job = training.create_training_job(
-                uow.session,
-                settings=settings,
-                tenant_id=caller.tenant_id,
-                body=body,
-                dataset=dataset,
-                base_model=base_model,
-            )
-            existing = idem.remember(uow.session, resource_id=job.id) if idem else job.id
-            if existing == job.id:
-                job_id = job.id
-                uow.after_commit(
-                    lambda: uow.sender.send(TASK_TRAIN, job_id=job_id, queue=TRAIN_QUEUE)
-                )
-                uow.commit()
-        job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=existing)
+        if created:
+            uow.after_commit(lambda: uow.sender.send(TASK_TRAIN, job_id=job_id, queue=TRAIN_QUEUE))
+            uow.commit()
+        job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
         return JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
 
     return await run_in_threadpool(create)

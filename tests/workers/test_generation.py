@@ -214,3 +214,28 @@ def test_images_and_workers(
         if "inference" in w["info"]
     )
     assert set(info["inference"]["cache"]) >= {"disk", "cpu", "device"}
+
+
+def test_idempotency_key_on_generate_and_jobs(client: TestClient, auth: dict[str, str]) -> None:
+    from tests.conftest import upload_dataset
+
+    key = {**auth, "Idempotency-Key": "req-1"}
+    body = {"prompt": "a cat", "wait": 0, **SETTINGS}
+    first = client.post("/generate", headers=key, json=body)
+    again = client.post("/generate", headers=key, json=body)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    assert len(client.get("/jobs?kind=generate", headers=auth).json()["data"]) == 1
+    reused = client.post("/generate", headers=key, json={**body, "prompt": "a dog"})
+    assert_problem(reused, 422, "idempotency_key_reused")
+
+    dataset_id = upload_dataset(client, auth, count=2)
+    train = {
+        "dataset_id": dataset_id,
+        "adapter_name": "idem",
+        "hyperparameters": {"max_steps": 1, "resolution": 64, "rank": 4},
+    }
+    one = client.post("/jobs", headers={**auth, "Idempotency-Key": "train-1"}, json=train)
+    two = client.post("/jobs", headers={**auth, "Idempotency-Key": "train-1"}, json=train)
+    assert one.status_code == two.status_code == 201 and one.json()["id"] == two.json()["id"]
+    assert len(client.get("/jobs?kind=train", headers=auth).json()["data"]) == 1
