@@ -1,10 +1,12 @@
 """Service overhead: p50/p99 latency of POST /generate through HTTP, SQL, Redis and a worker,
 against calling the same pipeline (InferenceEngine.generate) in-process, in one run.
 
-Starts `lorastack serve` on the embedded default (SQLite + its own Redis + one worker) in a
+Requests to the service and in-process calls alternate, so both see the same machine
+conditions. Starts `lorastack serve` on the embedded default (SQLite + its own Redis + one
+worker) in a
 temporary data dir, then times sequential requests of the same shape both ways.
 
-    python bench/bench_service_overhead.py [--requests 60] [--steps 2] [--size 64]
+    python bench/bench_service_overhead.py [--requests 100] [--steps 2] [--size 32]
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -83,6 +85,19 @@ def main() -> None:
                     time.sleep(0.2)
                 else:
                     raise SystemExit("serve did not become ready:\n" + log_path.read_text())
+                # The same pipeline call in this process, on the same model folder, timed in
+                # turn with the service so both see the same machine conditions.
+                from workers.engine.inference import GenerationRequest, InferenceEngine
+
+                engine = InferenceEngine(pipeline_dir=data_dir / "models" / "tiny")
+                request = GenerationRequest(
+                    prompt="a red square",
+                    num_inference_steps=args.steps,
+                    width=args.size,
+                    height=args.size,
+                    seed=1,
+                )
+                inproc: list[float] = []
                 headers = {"Authorization": f"Bearer {key}"}
                 body = {
                     "prompt": "a red square",
@@ -98,30 +113,16 @@ def main() -> None:
                     response = http.post(f"{base}/generate", headers=headers, json=body)
                     elapsed = time.perf_counter() - started
                     response.raise_for_status()
+                    started = time.perf_counter()
+                    engine.generate(request)
+                    local = time.perf_counter() - started
                     if n >= args.warmup:
                         service.append(elapsed)
                         worker_total.append(response.json()["timings"]["total_s"])
+                        inproc.append(local)
         finally:
             serve.send_signal(signal.SIGTERM)
             serve.wait(timeout=60)
-
-        # The same pipeline call in this process, on the same model folder.
-        from workers.engine.inference import GenerationRequest, InferenceEngine
-
-        engine = InferenceEngine(pipeline_dir=data_dir / "models" / "tiny")
-        request = GenerationRequest(
-            prompt="a red square",
-            num_inference_steps=args.steps,
-            width=args.size,
-            height=args.size,
-            seed=1,
-        )
-        inproc: list[float] = []
-        for n in range(args.warmup + args.requests):
-            started = time.perf_counter()
-            engine.generate(request)
-            if n >= args.warmup:
-                inproc.append(time.perf_counter() - started)
 
     rows = [
         ("in-process InferenceEngine.generate", inproc),

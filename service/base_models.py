@@ -66,6 +66,7 @@ def missing_targets(modules: frozenset[str], suffixes: tuple[str, ...]) -> list[
     return [s for s in suffixes if not any(m == s or m.endswith("." + s) for m in modules)]
 
 
+@lru_cache(maxsize=32)
 def native_size(folder: Path) -> int | None:
     """The image side the model was trained at: UNet sample size x the VAE's downscale."""
     import json

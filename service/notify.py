@@ -33,6 +33,9 @@ class DoneWaiter:
 
     async def __aenter__(self) -> DoneWaiter:
         await self._pubsub.subscribe(self._channel)
+        # Read the subscribe confirmation now, so the first wait() sees only real notifications.
+        with contextlib.suppress(redis.RedisError, asyncio.TimeoutError):
+            await self._pubsub.get_message(timeout=1.0)
         return self
 
     async def wait(self, timeout: float) -> bool:

@@ -5,12 +5,14 @@ Built once per worker process (Celery's worker_process_init / worker_init), neve
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -76,6 +78,11 @@ class WorkerRuntime:
         for job in requeued:
             log.warning("requeued job %s after its worker was lost", job.job_id)
             self.sender.send(_task_for(job.kind), job_id=job.job_id, queue=job.queue)
+
+    @functools.cached_property
+    def redis(self) -> redis.Redis:
+        """One Redis client (connection pool) per process, for job-done notifications."""
+        return redis.Redis.from_url(self.settings.redis_client_url)
 
     def lease(self, job_id: str) -> Job | None:
         """Take the job's lease (returns the Job), or None when it is not queued any more:
