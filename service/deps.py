@@ -37,12 +37,12 @@ class UnitOfWork:
             fn()
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_store(request: Request) -> ArtifactStore:
     store: ArtifactStore = request.app.state.store
     return store
 
@@ -78,7 +78,7 @@ class Page:
     after: str | None
 
 
-def get_page(
+async def get_page(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=1000, description="items per page")] = 50,
     after: Annotated[str | None, Query(max_length=100, description="id to start after")] = None,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from service.db import new_id
 from service.deps import AppSettings, Caller, Store, UoW
 from service.generation.schemas import (
     GenerateOut,
@@ -46,7 +47,9 @@ async def _run(
     """Create the job, send it, and wait up to ``wait_s`` for it to finish."""
     settings = request.app.state.settings
 
-    def create() -> Job:
+    new_job_id = new_id("job")
+
+    def create_and_commit() -> Job:
         job_id, created = create_once(
             uow.session,
             tenant_id=tenant_id,
@@ -55,7 +58,11 @@ async def _run(
             payload=body.model_dump(mode="json"),
             create=lambda: (
                 create_generation_job(
-                    uow.session, settings=settings, tenant_id=tenant_id, body=body
+                    uow.session,
+                    settings=settings,
+                    tenant_id=tenant_id,
+                    body=body,
+                    job_id=new_job_id,
                 ).id
             ),
         )
@@ -63,19 +70,19 @@ async def _run(
             uow.after_commit(
                 lambda: uow.sender.send(TASK_GENERATE, job_id=job_id, queue=GENERATE_QUEUE)
             )
+        uow.commit()
         return get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
 
-    job = await run_in_threadpool(create)
-    # Subscribe before the message goes out, so the notification can't be missed.
-    async with DoneWaiter(request.app.state.redis, settings, job.id) as waiter:
-        await run_in_threadpool(uow.commit)
+    # Subscribe before the message goes out, so the notification can't be missed. (A replayed
+    # Idempotency-Key names an earlier job: its notification is long gone, so that case polls.)
+    async with DoneWaiter(request.app.state.redis, settings, new_job_id) as waiter:
+        job = await run_in_threadpool(create_and_commit)
         deadline = time.monotonic() + wait_s
         while job.status not in FINAL_JOB_STATUSES:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             await waiter.wait(min(remaining, 1.0))
-
             job = await run_in_threadpool(_reload, uow, tenant_id, job.id)
     return job
 

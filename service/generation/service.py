@@ -37,7 +37,12 @@ def _limit(field: str, value: float, maximum: float, setting: str) -> None:
 
 
 def create_generation_job(
-    session: Session, *, settings: Settings, tenant_id: str, body: GenerateRequest
+    session: Session,
+    *,
+    settings: Settings,
+    tenant_id: str,
+    body: GenerateRequest,
+    job_id: str | None = None,
 ) -> Job:
     """Validate the request (limits, adapters, base model) and create its queued job."""
     base_model, source = resolve_base_model(settings, body.base_model)
@@ -126,6 +131,7 @@ def create_generation_job(
         max_attempts=settings.job_max_attempts,
         base_model=base_model,
         params={"request": request, "adapters": adapters, "batch_key": batch_key},
+        job_id=job_id,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Executable, func, select, update
 from sqlalchemy.orm import Session
 
-from service.db import utcnow
+from service.db import new_id, utcnow
 from service.models import FINAL_JOB_STATUSES, Job, JobEvent, JobStatus
 
 
@@ -37,8 +37,10 @@ def create_job(
     dataset_id: str | None = None,
     base_model: str | None = None,
     adapter_name: str | None = None,
+    job_id: str | None = None,
 ) -> Job:
     job = Job(
+        id=job_id or new_id("job"),
         tenant_id=tenant_id,
         kind=kind,
         queue=queue,
