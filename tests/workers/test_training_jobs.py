@@ -273,6 +273,14 @@ def _holder_pid(stack: Stack, job_id: str) -> int | None:
     return int(owner.rsplit(":", 1)[1]) if owner else None
 
 
+def _sigkill_worker(stack: Stack, pid: int) -> None:
+    """Kill a worker's whole process group with SIGKILL and forget it."""
+    os.killpg(pid, signal.SIGKILL)
+    victim = next(p for p in stack.workers if p.pid == pid)
+    victim.wait()
+    stack.workers.remove(victim)
+
+
 def test_sigkill_mid_training_resumes_from_checkpoint(
     client: TestClient, auth: dict[str, str], stack: Stack, worker: subprocess.Popen[bytes]
 ) -> None:
@@ -291,10 +299,7 @@ def test_sigkill_mid_training_resumes_from_checkpoint(
     )
     pid = _holder_pid(stack, job["id"])
     assert pid is not None
-    os.killpg(pid, signal.SIGKILL)  # the worker dies mid-training, no goodbye
-    victim = next(p for p in stack.workers if p.pid == pid)
-    victim.wait()
-    stack.workers.remove(victim)
+    _sigkill_worker(stack, pid)  # the worker dies mid-training, no goodbye
     stack.start_worker()  # a replacement worker reaps the stale lease and resumes the job
     done = wait_status(client, auth, job["id"], {"succeeded", "failed"}, timeout=300)
     assert done["status"] == "succeeded", done["error"]
@@ -370,10 +375,7 @@ def test_job_that_keeps_killing_its_worker_fails_and_the_queue_drains(
             return None
 
         pid: int = wait_for(running_attempt, timeout=120, what=f"attempt {attempt} to start")
-        os.killpg(pid, signal.SIGKILL)  # this job "crashes" every worker that runs it
-        victim = next(p for p in stack.workers if p.pid == pid)
-        victim.wait()
-        stack.workers.remove(victim)
+        _sigkill_worker(stack, pid)  # this job "crashes" every worker that runs it
         if not any(p.poll() is None for p in stack.workers):
             stack.start_worker()
     failed = wait_status(client, auth, doomed["id"], {"failed", "succeeded"}, timeout=120)
