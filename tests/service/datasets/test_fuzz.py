@@ -8,6 +8,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -112,3 +113,43 @@ def test_fuzzed_archives_only_raise_dataset_rejected(
         assert sorted(p.name for p in root.iterdir()) == sorted(
             ["upload.zip", *(["store"] if store.exists() else [])]
         )
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+@given(
+    entries=members,
+    caption=st.one_of(st.none(), st.text(max_size=40)),
+    name=st.text(max_size=30),
+)
+def test_fuzzed_uploads_over_http_never_answer_5xx(
+    client: TestClient,
+    auth: dict[str, str],
+    entries: list[tuple[str, bytes]],
+    caption: str | None,
+    name: str,
+) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # duplicate names
+            body = zip_bytes(entries)
+    except (UnicodeEncodeError, ValueError, IndexError, zipfile.BadZipFile):
+        return
+    data = {"name": name} | ({"caption": caption} if caption is not None else {})
+    response = client.post(
+        "/datasets",
+        headers=auth,
+        data=data,
+        files={"file": ("upload.zip", body, "application/zip")},
+    )
+    event(f"status {response.status_code}")
+    assert response.status_code in (201, 400, 413, 415, 422), response.text
+    if response.status_code != 201:
+        assert response.headers["content-type"].startswith("application/problem+json")
