@@ -56,11 +56,11 @@ def get_or_create_adapter(
     return adapter
 
 
-def check_base_model(adapter: Adapter, base_model: str) -> None:
-    """422 unless ``adapter`` belongs to ``base_model`` (versions of one adapter share it)."""
+def check_base_model(adapter: Adapter, base_model: str, *, field: str = "base_model") -> None:
+    """422 naming ``field`` unless ``adapter`` belongs to ``base_model`` (its versions share it)."""
     if adapter.base_model != base_model:
         raise field_error(
-            "base_model",
+            field,
             f"adapter {adapter.name!r} belongs to base model {adapter.base_model!r}, "
             f"not {base_model!r}",
             code="base_model_mismatch",

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.adapters.registry import check_base_model
 from service.adapters.service import resolve_ref
 from service.base_models import local_folder, native_size, resolve_base_model
 from service.config import Settings
@@ -78,13 +79,7 @@ def create_generation_job(
             adapter, version = resolve_ref(session, tenant_id=tenant_id, ref=item.ref)
         except ServiceError as exc:
             raise field_error(f"adapters.{index}.ref", exc.detail, code=exc.code) from None
-        if adapter.base_model != base_model:
-            raise field_error(
-                f"adapters.{index}.ref",
-                f"adapter {adapter.name!r} belongs to base model {adapter.base_model!r}, "
-                f"not {base_model!r}",
-                code="base_model_mismatch",
-            )
+        check_base_model(adapter, base_model, field=f"adapters.{index}.ref")
         if version.id in seen:
             raise field_error(
                 f"adapters.{index}.ref", f"{item.ref!r} is listed twice", code="duplicate_adapter"

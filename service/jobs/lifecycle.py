@@ -210,7 +210,29 @@ def reap_stale_jobs(session: Session, *, now: datetime | None = None) -> list[Re
     ).all()
     requeued: list[Requeued] = []
     for job in stale:
-        base = (
+        lost: dict[str, Any] = {"worker": job.lease_owner, "attempt": job.attempts}
+        values: dict[str, Any]
+        if job.status == JobStatus.CANCEL_REQUESTED.value:
+            values, level = {"status": JobStatus.CANCELLED.value, "finished_at": now}, "info"
+        elif job.attempts >= job.max_attempts:
+            values, level = (
+                {
+                    "status": JobStatus.FAILED.value,
+                    "finished_at": now,
+                    "error_code": "worker_lost",
+                    "error_message": (
+                        f"the worker running this job was lost {job.attempts} times "
+                        f"(attempt cap {job.max_attempts})"
+                    ),
+                },
+                "error",
+            )
+        else:
+            values, level = {"status": JobStatus.QUEUED.value, "queued_at": now}, "warning"
+            lost["reason"] = "worker_lost"
+        # Conditional on the state we read: a concurrent reaper or a late heartbeat wins.
+        taken = _changed(
+            session,
             update(Job)
             .where(
                 Job.id == job.id,
@@ -218,63 +240,19 @@ def reap_stale_jobs(session: Session, *, now: datetime | None = None) -> list[Re
                 Job.lease_owner == job.lease_owner,
                 Job.lease_expires_at < now,
             )
-            .execution_options(synchronize_session=False)
+            .values(lease_owner=None, lease_expires_at=None, **values)
+            .execution_options(synchronize_session=False),
         )
-        lost = {"worker": job.lease_owner, "attempt": job.attempts}
-        if job.status == JobStatus.CANCEL_REQUESTED.value:
-            if _changed(
-                session,
-                base.values(
-                    status=JobStatus.CANCELLED.value,
-                    finished_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                ),
-            ):
-                add_event(
-                    session,
-                    job_id=job.id,
-                    type="state",
-                    data={"status": JobStatus.CANCELLED.value, **lost},
-                )
-        elif job.attempts >= job.max_attempts:
-            if _changed(
-                session,
-                base.values(
-                    status=JobStatus.FAILED.value,
-                    finished_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    error_code="worker_lost",
-                    error_message=(
-                        f"the worker running this job was lost {job.attempts} times "
-                        f"(attempt cap {job.max_attempts})"
-                    ),
-                ),
-            ):
-                add_event(
-                    session,
-                    job_id=job.id,
-                    type="state",
-                    level="error",
-                    data={"status": JobStatus.FAILED.value, **lost},
-                )
-        elif _changed(
+        if not taken:
+            continue
+        add_event(
             session,
-            base.values(
-                status=JobStatus.QUEUED.value,
-                lease_owner=None,
-                lease_expires_at=None,
-                queued_at=now,
-            ),
-        ):
-            add_event(
-                session,
-                job_id=job.id,
-                type="state",
-                level="warning",
-                data={"status": JobStatus.QUEUED.value, "reason": "worker_lost", **lost},
-            )
+            job_id=job.id,
+            type="state",
+            level=level,
+            data={"status": values["status"], **lost},
+        )
+        if values["status"] == JobStatus.QUEUED.value:
             requeued.append(Requeued(job_id=job.id, queue=job.queue, kind=job.kind))
     return requeued
 

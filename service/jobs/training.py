@@ -10,14 +10,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.adapters.registry import check_base_model
 from service.base_models import linear_module_names, local_folder, missing_targets
 from service.base_models import resolve_base_model as resolve_model
 from service.config import Settings
+from service.datasets.service import get_dataset
 from service.health.routes import live_workers
 from service.jobs import lifecycle
 from service.jobs.training_schemas import TrainingPlanOut, TrainJobCreate
-from service.models import Adapter, Dataset, DatasetStatus, Job, JobKind
-from service.problems import ServiceUnavailable, field_error
+from service.models import Adapter, Dataset, Job, JobKind
+from service.problems import NotFound, ServiceUnavailable, field_error
 from service.queue import TRAIN_QUEUE
 
 PLANNER_MODULE = "workers.plan_cli"
@@ -30,26 +32,21 @@ def validate_training_request(
 
     Returns (dataset, base model name, base model source). Raises 422 naming the field.
     """
-    dataset = session.scalar(
-        select(Dataset).where(
-            Dataset.id == body.dataset_id,
-            Dataset.tenant_id == tenant_id,
-            Dataset.status == DatasetStatus.READY.value,
+    try:
+        # Locked until the job row commits, so a concurrent DELETE can't slip in between.
+        dataset = get_dataset(
+            session, tenant_id=tenant_id, dataset_id=body.dataset_id, for_update=True
         )
-    )
-    if dataset is None:
-        raise field_error("dataset_id", f"no dataset {body.dataset_id!r}", code="dataset_not_found")
+    except NotFound:
+        raise field_error(
+            "dataset_id", f"no dataset {body.dataset_id!r}", code="dataset_not_found"
+        ) from None
     name, source = resolve_model(settings, body.base_model)
     adapter = session.scalar(
         select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == body.adapter_name)
     )
-    if adapter is not None and adapter.base_model != name:
-        raise field_error(
-            "adapter_name",
-            f"adapter {body.adapter_name!r} belongs to base model {adapter.base_model!r}, "
-            f"not {name!r}",
-            code="base_model_mismatch",
-        )
+    if adapter is not None:
+        check_base_model(adapter, name, field="adapter_name")
     hp = body.hyperparameters
     folder = local_folder(source)
     if folder is not None:
