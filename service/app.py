@@ -17,6 +17,7 @@ from service.db import make_engine, make_session_factory
 from service.generation.routes import router as generation_router
 from service.health.routes import router as health_router
 from service.jobs.routes import router as jobs_router
+from service.notify import DoneListener
 from service.problems import install_problem_handlers
 from service.queue import TaskSender, make_celery
 from service.storage import ArtifactStore
@@ -36,9 +37,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = ArtifactStore(settings.resolved_artifact_dir)
         app.state.sender = TaskSender(celery)
         app.state.redis = aioredis.Redis.from_url(settings.redis_client_url)
+        app.state.done_listener = DoneListener(app.state.redis, settings)
+        await app.state.done_listener.start()
         try:
             yield
         finally:
+            await app.state.done_listener.stop()
             await app.state.redis.aclose()
             celery.close()
             engine.dispose()

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     generate_max_adapters: int = 4
     generate_default_wait_s: float = 60.0
     generate_max_wait_s: float = 600.0
+    # A waiting request is woken by a Redis notification; it re-reads SQL at least this often.
+    generate_poll_s: float = Field(default=1.0, gt=0)
     generate_batch_max: int = 8
 
     # Inference engine in each worker (adapter slots and cache tiers).

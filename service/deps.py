@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service.auth import Principal, authenticate
 from service.config import Settings
@@ -47,15 +48,24 @@ async def get_store(request: Request) -> ArtifactStore:
     return store
 
 
-def get_uow(request: Request) -> Iterator[UnitOfWork]:
+async def get_uow(request: Request) -> AsyncIterator[UnitOfWork]:
+    """The request's unit of work. Creating a session does no I/O, so this runs on the loop."""
     session: Session = request.app.state.session_factory()
     uow = UnitOfWork(session=session, sender=request.app.state.sender)
     try:
         yield uow
     finally:
         # Anything not committed by the route is discarded: a failed request stores nothing.
-        session.rollback()
-        session.close()
+        # A route that committed (or never touched SQL) holds no connection: nothing to wait on.
+        if session.in_transaction():
+            await run_in_threadpool(_discard, session)
+        else:
+            session.close()
+
+
+def _discard(session: Session) -> None:
+    session.rollback()
+    session.close()
 
 
 def get_principal(request: Request, uow: Annotated[UnitOfWork, Depends(get_uow)]) -> Principal:

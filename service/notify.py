@@ -1,53 +1,107 @@
 """Job-finished notifications over Redis pub/sub, so a waiting request wakes at once.
 
 SQL stays the source of truth: a notification only says "look now"; a missed one costs a poll.
+
+Workers publish the job id on one channel. Each API process holds a single subscription to it
+for its whole life (:class:`DoneListener`) and wakes the request waiting for that id, so a
+request costs no Redis round trip of its own: no connection, SUBSCRIBE or UNSUBSCRIBE.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Iterator
 
 import redis
 import redis.asyncio as aioredis
 
 from service.config import Settings
 
+log = logging.getLogger("lorastack.notify")
 
-def channel(settings: Settings, job_id: str) -> str:
-    return f"{settings.redis_key_prefix}lorastack:job-done:{job_id}"
+
+def channel(settings: Settings) -> str:
+    return f"{settings.redis_key_prefix}lorastack:job-done"
 
 
 def publish_done(client: redis.Redis, settings: Settings, job_id: str) -> None:
     """Tell any waiter that ``job_id`` reached a final state (best effort)."""
     with contextlib.suppress(redis.RedisError):
-        client.publish(channel(settings, job_id), "done")
+        client.publish(channel(settings), job_id)
 
 
-class DoneWaiter:
-    """Subscribe before the job is sent, then wait for its notification or a poll interval."""
+class DoneListener:
+    """One long-lived subscription per API process, fanning notifications out to waiters.
 
-    def __init__(self, client: aioredis.Redis, settings: Settings, job_id: str) -> None:
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self._channel = channel(settings, job_id)
+    While the subscription is down (Redis restarting) waiters time out and re-read SQL, so a
+    request is at worst one poll interval late, never wrong.
+    """
 
-    async def __aenter__(self) -> DoneWaiter:
-        await self._pubsub.subscribe(self._channel)
-        # Read the subscribe confirmation now, so the first wait() sees only real notifications.
-        with contextlib.suppress(redis.RedisError, asyncio.TimeoutError):
-            await self._pubsub.get_message(timeout=1.0)
-        return self
+    def __init__(self, client: aioredis.Redis, settings: Settings, *, retry_s: float = 0.5):
+        self._client = client
+        self._channel = channel(settings)
+        self._retry_s = retry_s
+        self._waiters: dict[str, list[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
 
-    async def wait(self, timeout: float) -> bool:
-        """True when a notification arrived within ``timeout`` seconds."""
+    async def start(self, timeout: float = 1.0) -> None:
+        """Subscribe in the background; wait a little for it, so the first request is woken."""
+        self._task = asyncio.create_task(self._listen(), name="lorastack-done-listener")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.subscribed.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    @contextlib.contextmanager
+    def waiting(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event set when ``job_id`` is announced; register it before the job is sent."""
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, []).append(event)
         try:
-            message = await self._pubsub.get_message(timeout=max(timeout, 0.0))
-        except (TimeoutError, redis.RedisError):
-            await asyncio.sleep(min(timeout, 0.5))
-            return False
-        return message is not None
+            yield event
+        finally:
+            events = self._waiters.get(job_id, [])
+            if event in events:
+                events.remove(event)
+            if not events:
+                self._waiters.pop(job_id, None)
 
-    async def __aexit__(self, *exc: object) -> None:
-        with contextlib.suppress(redis.RedisError):
-            await self._pubsub.unsubscribe(self._channel)
-            await self._pubsub.aclose()
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                self.subscribed.set()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    data = message["data"]
+                    job_id = data.decode() if isinstance(data, bytes) else str(data)
+                    for event in self._waiters.get(job_id, ()):
+                        event.set()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("job-done subscription lost (%s); retrying", exc)
+            finally:
+                self.subscribed.clear()
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(self._retry_s)
+
+
+async def wait_for(event: asyncio.Event, timeout: float) -> bool:
+    """True when ``event`` was set within ``timeout`` seconds."""
+    if event.is_set():
+        return True
+    try:
+        await asyncio.wait_for(event.wait(), max(timeout, 0.0))
+    except TimeoutError:
+        return False
+    return True

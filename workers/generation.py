@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db import unit_of_work
+from service.db import new_id, unit_of_work
 from service.jobs import lifecycle
 from service.models import Image, Job, JobKind, JobStatus
 from service.notify import publish_done
@@ -157,6 +157,7 @@ def _record(rt: WorkerRuntime, batch: list[Job], results: list[Any]) -> None:
                 picture.save(buffer, format="PNG", compress_level=1)
                 stored = rt.store.put_bytes(buffer.getvalue(), prefix="images", suffix=".png")
                 row = Image(
+                    id=new_id("img"),  # known now: no flush per image
                     tenant_id=job.tenant_id,
                     job_id=job.id,
                     storage_key=stored.key,
@@ -165,7 +166,6 @@ def _record(rt: WorkerRuntime, batch: list[Job], results: list[Any]) -> None:
                     height=picture.height,
                 )
                 session.add(row)
-                session.flush()
                 images.append(
                     {"id": row.id, "seed": seed, "width": row.width, "height": row.height}
                 )

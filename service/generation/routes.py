@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
@@ -22,7 +24,7 @@ from service.idempotency import IdempotencyKeyHeader, create_once
 from service.jobs.schemas import JobOut
 from service.jobs.service import get_job
 from service.models import FINAL_JOB_STATUSES, Job, JobStatus
-from service.notify import DoneWaiter
+from service.notify import DoneListener, wait_for
 from service.problems import (
     NotFound,
     ServiceError,
@@ -34,6 +36,8 @@ from service.queue import GENERATE_QUEUE, TASK_GENERATE
 
 router = APIRouter(tags=["generation"])
 
+T = TypeVar("T")
+
 
 async def _run(
     request: Request,
@@ -43,13 +47,18 @@ async def _run(
     body: GenerateRequest,
     wait_s: float,
     idempotency_key: str | None,
-) -> Job:
-    """Create the job, send it, and wait up to ``wait_s`` for it to finish."""
-    settings = request.app.state.settings
+    answer: Callable[[Job], T],
+) -> Job | T:
+    """Create the job, send it, and wait up to ``wait_s`` for it to finish.
 
+    Returns ``answer(job)`` (computed in the same thread-pool hop as the final read) once the
+    job has succeeded, else the job as it stands (failed, or still queued or running).
+    """
+    settings = request.app.state.settings
+    listener: DoneListener = request.app.state.done_listener
     new_job_id = new_id("job")
 
-    def create_and_commit() -> Job:
+    def create_and_commit() -> tuple[str, bool]:
         job_id, created = create_once(
             uow.session,
             tenant_id=tenant_id,
@@ -71,28 +80,33 @@ async def _run(
                 lambda: uow.sender.send(TASK_GENERATE, job_id=job_id, queue=GENERATE_QUEUE)
             )
         uow.commit()
-        return get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
+        return job_id, created
 
-    # Subscribe before the message goes out, so the notification can't be missed. (A replayed
-    # Idempotency-Key names an earlier job: its notification is long gone, so that case polls.)
-    async with DoneWaiter(request.app.state.redis, settings, new_job_id) as waiter:
-        job = await run_in_threadpool(create_and_commit)
+    def read() -> Job | T:
+        """The job as committed now (the worker updates it from another process)."""
+        uow.session.expire_all()
+        job = get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
+        outcome: Job | T = answer(job) if job.status == JobStatus.SUCCEEDED.value else job
+        uow.session.commit()  # end the read; nothing is expired (expire_on_commit=False)
+        return outcome
+
+    # Wait for the notification registered before the message goes out, so it can't be missed.
+    # A replayed Idempotency-Key names an earlier job, perhaps long finished: read it at once,
+    # then poll it (its notification, if any, was for the first request).
+    with listener.waiting(new_job_id) as done:
+        job_id, created = await run_in_threadpool(create_and_commit)
         deadline = time.monotonic() + wait_s
-        while job.status not in FINAL_JOB_STATUSES:
+        while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            await waiter.wait(min(remaining, 1.0))
-            job = await run_in_threadpool(_reload, uow, tenant_id, job.id)
-    return job
-
-
-def _reload(uow: UoW, tenant_id: str, job_id: str) -> Job:
-    """The job as committed now (the worker updates it from another process)."""
-    uow.session.expire_all()
-    fresh = get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
-    uow.session.rollback()
-    return fresh
+            if created:
+                await wait_for(done, min(max(remaining, 0.0), settings.generate_poll_s))
+                done.clear()
+            created = True
+            outcome = await run_in_threadpool(read)
+            if not isinstance(outcome, Job) or outcome.status in FINAL_JOB_STATUSES:
+                return outcome
+            if deadline - time.monotonic() <= 0:
+                return outcome
 
 
 @router.post(
@@ -119,24 +133,25 @@ async def generate_route(
             f"over the limit {settings.generate_max_wait_s} (LORASTACK_GENERATE_MAX_WAIT_S)",
             code="limit_exceeded",
         )
-    job = await _run(
+    base_url = str(request.base_url)
+    outcome = await _run(
         request,
         uow,
         tenant_id=caller.tenant_id,
         body=body,
         wait_s=wait_s,
         idempotency_key=idempotency_key,
+        answer=lambda job: generation_answer(
+            uow.session,
+            job=job,
+            store=store,
+            response_format=body.response_format,
+            base_url=base_url,
+        ),
     )
-    if job.status == JobStatus.SUCCEEDED.value:
-        return await run_in_threadpool(
-            lambda: generation_answer(
-                uow.session,
-                job=job,
-                store=store,
-                response_format=body.response_format,
-                base_url=str(request.base_url),
-            )
-        )
+    if not isinstance(outcome, Job):
+        return outcome
+    job = outcome
     if job.status == JobStatus.FAILED.value:
         raise ServiceError(
             f"generation failed: {job.error_message}",
@@ -195,14 +210,25 @@ async def openai_images_route(
             ),
         }
     )
+    base_url = str(request.base_url)
     try:
-        job = await _run(
+        outcome = await _run(
             request,
             uow,
             tenant_id=caller.tenant_id,
             body=generate,
             wait_s=settings.generate_max_wait_s,
             idempotency_key=None,
+            answer=lambda job: (
+                job,
+                generation_answer(
+                    uow.session,
+                    job=job,
+                    store=store,
+                    response_format=body.response_format,
+                    base_url=base_url,
+                ),
+            ),
         )
     except Unprocessable as exc:
         fields = [e.get("field") for e in exc.extra.get("errors", [])]
@@ -210,7 +236,8 @@ async def openai_images_route(
             # OpenAI clients expect an unknown model to be a 404.
             raise NotFound(f"model {body.model!r}: {exc.detail}", code="model_not_found") from None
         raise
-    if job.status != JobStatus.SUCCEEDED.value:
+    if isinstance(outcome, Job):
+        job = outcome
         if job.status == JobStatus.FAILED.value:
             raise ServiceError(
                 f"generation failed: {job.error_message}",
@@ -221,15 +248,7 @@ async def openai_images_route(
         raise ServiceUnavailable(
             "generation did not finish in time", code="generation_timeout", extra={"job_id": job.id}
         )
-    answer = await run_in_threadpool(
-        lambda: generation_answer(
-            uow.session,
-            job=job,
-            store=store,
-            response_format=body.response_format,
-            base_url=str(request.base_url),
-        )
-    )
+    job, answer = outcome
     created = int(job.finished_at.timestamp()) if job.finished_at else int(time.time())
     return OpenAIImagesResponse(
         created=created,

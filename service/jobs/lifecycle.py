@@ -49,10 +49,13 @@ def create_job(
         dataset_id=dataset_id,
         base_model=base_model,
         adapter_name=adapter_name,
+        event_seq=1,  # its first event, added with it: one flush, no sequence UPDATE
     )
     session.add(job)
+    session.add(
+        JobEvent(job_id=job.id, seq=1, type="state", data={"status": JobStatus.QUEUED.value})
+    )
     session.flush()
-    add_event(session, job_id=job.id, type="state", data={"status": JobStatus.QUEUED.value})
     return job
 
 
@@ -74,8 +77,8 @@ def add_event(
 def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> Job | None:
     """Claim a queued job. Returns None when it is not queued (taken, cancelled, finished)."""
     now = utcnow()
-    claimed = _changed(
-        session,
+    # One statement moves the job, reserves its event number and returns the row.
+    job = session.scalars(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
         .values(
@@ -85,18 +88,21 @@ def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> 
             heartbeat_at=now,
             attempts=Job.attempts + 1,
             started_at=func.coalesce(Job.started_at, now),
+            event_seq=Job.event_seq + 1,
         )
-        .execution_options(synchronize_session=False),
-    )
-    if claimed != 1:
+        .returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).one_or_none()
+    if job is None:
         return None
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    add_event(
-        session,
-        job_id=job_id,
-        type="state",
-        data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            seq=job.event_seq,
+            type="state",
+            level="info",
+            data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
+        )
     )
     return job
 
@@ -139,24 +145,26 @@ def finish_job(
     if error_code is not None:
         values["error_code"] = error_code
         values["error_message"] = error_message
-    done = _changed(
-        session,
+    seq = session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(RUNNING_STATES))
-        .values(**values)
-        .execution_options(synchronize_session=False),
+        .values(**values, event_seq=Job.event_seq + 1)
+        .returning(Job.event_seq)
+        .execution_options(synchronize_session=False)
     )
-    if done != 1:
+    if seq is None:
         return False
     data: dict[str, Any] = {"status": status.value}
     if error_code:
         data["error"] = {"code": error_code, "message": error_message}
-    add_event(
-        session,
-        job_id=job_id,
-        type="state",
-        data=data,
-        level="error" if status is JobStatus.FAILED else "info",
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            seq=seq,
+            type="state",
+            level="error" if status is JobStatus.FAILED else "info",
+            data=data,
+        )
     )
     return True
 
