@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.adapters.routes import router as adapters_router
+from service.auth import KeyCache
 from service.body_limit import BodyLimitMiddleware
 from service.config import Settings, get_settings
 from service.datasets.routes import router as datasets_router
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.session_factory = make_session_factory(engine)
         app.state.store = ArtifactStore(settings.resolved_artifact_dir)
         app.state.sender = TaskSender(celery)
+        app.state.key_cache = KeyCache(settings.auth_cache_ttl_s)
         app.state.redis = aioredis.Redis.from_url(settings.redis_client_url)
         app.state.done_listener = DoneListener(app.state.redis, settings)
         await app.state.done_listener.start()

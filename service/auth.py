@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -48,9 +50,44 @@ def create_api_key(session: Session, *, tenant_name: str, name: str | None = Non
 
 
 def authenticate(session: Session, secret: str) -> Principal | None:
+    return lookup_key(session, hash_key(secret))
+
+
+def lookup_key(session: Session, key_hash: str) -> Principal | None:
     key = session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked.is_(False))
+        select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked.is_(False))
     )
     if key is None:
         return None
     return Principal(tenant_id=key.tenant_id, key_id=key.id)
+
+
+class KeyCache:
+    """Recently verified keys (by hash) for ``ttl_s`` seconds, so most requests skip the lookup.
+
+    Only keys that verified are kept: an unknown key is looked up every time. A key revoked in
+    SQL is refused by every API process within ``ttl_s``. Used from the event loop only.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        expires, principal = entry
+        if time.monotonic() >= expires:
+            del self._entries[key_hash]
+            return None
+        return principal
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        if self.ttl_s <= 0:
+            return
+        self._entries[key_hash] = (time.monotonic() + self.ttl_s, principal)
+        self._entries.move_to_end(key_hash)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)

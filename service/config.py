@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         description="JSON object name -> hub id or local folder; the first one is the default",
     )
     artifact_dir: Path | None = None
+    auth_cache_ttl_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="seconds an API process trusts a verified key before looking it up again "
+        "(a revoked key stops working within this time); 0 looks it up on every request",
+    )
 
     # Celery and workers.
     worker_heartbeat_s: float = 5.0

@@ -10,7 +10,7 @@ from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import Principal, authenticate
+from service.auth import KeyCache, Principal, hash_key, lookup_key
 from service.config import Settings
 from service.problems import Unauthorized
 from service.queue import TaskSender
@@ -68,7 +68,9 @@ def _discard(session: Session) -> None:
     session.close()
 
 
-def get_principal(request: Request, uow: Annotated[UnitOfWork, Depends(get_uow)]) -> Principal:
+async def get_principal(
+    request: Request, uow: Annotated[UnitOfWork, Depends(get_uow)]
+) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
@@ -76,9 +78,14 @@ def get_principal(request: Request, uow: Annotated[UnitOfWork, Depends(get_uow)]
             "missing bearer token: send Authorization: Bearer <api key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    principal = authenticate(uow.session, secret.strip())
+    key_hash = hash_key(secret.strip())
+    cache: KeyCache = request.app.state.key_cache
+    principal = cache.get(key_hash)
     if principal is None:
-        raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        principal = await run_in_threadpool(lookup_key, uow.session, key_hash)
+        if principal is None:
+            raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        cache.put(key_hash, principal)
     return principal
 
 
