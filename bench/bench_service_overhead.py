@@ -140,9 +140,15 @@ def main() -> None:
         )
     added_p50 = (percentile(service, 50) - percentile(inproc, 50)) * 1e3
     added_p99 = (percentile(service, 99) - percentile(inproc, 99)) * 1e3
+    print(f"{'added: p(service) - p(in-process)':50s} {added_p50:9.1f} {added_p99:9.1f}")
+    # Per request: its latency minus the time its own pipeline call took in the worker. Pairing
+    # takes the pipeline's run-to-run variation (several ms on a shared CPU) out of the figure.
+    paired = [s - w for s, w in zip(service, worker_total, strict=True)]
+    paired_p50 = percentile(paired, 50) * 1e3
     print(
-        f"{'added by the service':50s} {added_p50:9.1f} {added_p99:9.1f}"
-        f"   (target: <= 15 ms at p50: {'met' if added_p50 <= 15 else 'NOT met'})"
+        f"{'added per request: latency - its pipeline time':50s} {paired_p50:9.1f} "
+        f"{percentile(paired, 99) * 1e3:9.1f}"
+        f"   (target: <= 15 ms at p50: {'met' if paired_p50 <= 15 else 'NOT met'})"
     )
 
 

@@ -76,6 +76,23 @@ class ArtifactStore:
             raise
         return StoredObject(key=key, sha256=sha, size=size)
 
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store ``data`` under the caller's key, atomically (temp file, fsync, rename)."""
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp_root = self.root / ".tmp"
+        tmp_root.mkdir(exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_root)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, dest)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
     def put_bytes(self, data: bytes, *, prefix: str, suffix: str = "") -> StoredObject:
         import io
 

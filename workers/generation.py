@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -14,9 +15,12 @@ from service.db import new_id, unit_of_work
 from service.jobs import lifecycle
 from service.models import Image, Job, JobKind, JobStatus
 from service.notify import publish_done
+from service.storage import ArtifactStore
 from workers.runtime import WorkerRuntime
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
     from workers.engine.inference.generation import GenerationRequest, InferenceEngine
 
 log = logging.getLogger("lorastack.worker")
@@ -79,63 +83,82 @@ def _to_request(job: Job) -> GenerationRequest:
     )
 
 
-def _claim_batch(session: Session, rt: WorkerRuntime, first: Job) -> list[Job]:
-    """Lease other queued jobs that can share the first one's pipeline call.
+@dataclass(frozen=True)
+class _Leased:
+    """What the rest of the task needs from a leased job row (read before the commit)."""
 
-    Their own messages arrive later, find the lease taken and do nothing.
-    """
-    limit = rt.settings.generate_batch_max - 1
-    if limit <= 0:
+    id: str
+    tenant_id: str
+    base_model: str | None
+    queue_wait_s: float
+    request: GenerationRequest | None
+
+
+def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[Job]:
+    """Lease the job and the queued jobs that can share its pipeline call (same base model, the
+    one this worker serves, and same batch key). Their own messages arrive later, find the lease
+    taken and do nothing."""
+    first = lifecycle.take_lease(
+        session, job_id=job_id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
+    )
+    if first is None:
         return []
-    claimed: list[Job] = []
+    limit = rt.settings.generate_batch_max - 1
+    if limit <= 0 or first.base_model != rt.settings.default_base_model:
+        return [first]
+    # Ids only, matched on the batch key in SQL: usually there are none, and that costs little.
     candidates = session.scalars(
-        select(Job)
+        select(Job.id)
         .where(
-            Job.kind == JobKind.GENERATE.value,
             Job.status == JobStatus.QUEUED.value,
+            Job.kind == JobKind.GENERATE.value,
             Job.base_model == first.base_model,
+            Job.params["batch_key"].as_string() == first.params.get("batch_key"),
         )
         .order_by(Job.queued_at)
-        .limit(64)
+        .limit(limit)
     ).all()
-    for job in candidates:
-        if len(claimed) >= limit:
-            break
-        if job.params.get("batch_key") != first.params.get("batch_key"):
-            continue
-        leased = lifecycle.take_lease(
-            session, job_id=job.id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
-        )
-        if leased is not None:
-            claimed.append(leased)
-    return claimed
+    if not candidates:
+        return [first]
+    others = lifecycle.take_leases(
+        session,
+        condition=Job.id.in_(candidates),
+        owner=rt.worker_id,
+        lease_s=rt.settings.job_lease_s,
+    )
+    return [first, *sorted(others, key=lambda j: j.queued_at)]
 
 
 def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
     serves = rt.settings.default_base_model
-    # One transaction leases the job and every queued job that can share its pipeline call.
     with unit_of_work(rt.session_factory) as session:
-        job = lifecycle.take_lease(
-            session, job_id=job_id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
-        )
-        batch = [job] if job is not None else []
-        if job is not None and job.base_model == serves:
-            batch += _claim_batch(session, rt, job)
-    if job is None:
+        batch = [
+            _Leased(
+                id=job.id,
+                tenant_id=job.tenant_id,
+                base_model=job.base_model,
+                queue_wait_s=(
+                    (job.started_at - job.queued_at).total_seconds() if job.started_at else 0.0
+                ),
+                request=_to_request(job) if job.base_model == serves else None,
+            )
+            for job in _lease_batch(session, rt, job_id)
+        ]
+    if not batch:
         log.info("generate %s: not queued any more (done, batched or cancelled)", job_id)
         return
     rt.current_job_id = job_id
     try:
-        if job.base_model != serves:
+        if batch[0].request is None:
             _fail(
                 rt,
                 batch,
                 "base_model_unavailable",
-                f"this worker serves {serves!r}, not {job.base_model!r}",
+                f"this worker serves {serves!r}, not {batch[0].base_model!r}",
             )
             return
         engine = get_engine(rt)
-        results = engine.generate_batch([_to_request(j) for j in batch])
+        results = engine.generate_batch([j.request for j in batch if j.request is not None])
         _record(rt, batch, results)
         rt.info["inference"] = engine.snapshot()
     except Exception as exc:
@@ -146,31 +169,37 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
         rt.current_job_id = None
 
 
-def _record(rt: WorkerRuntime, batch: list[Job], results: list[Any]) -> None:
+def _store_png(store: ArtifactStore, key: str, picture: PILImage) -> None:
+    buffer = io.BytesIO()
+    # Level 1: several times faster than the default at large sizes, a bit bigger.
+    picture.save(buffer, format="PNG", compress_level=1)
+    store.write_bytes(key, buffer.getvalue())
+
+
+def _record(rt: WorkerRuntime, batch: list[_Leased], results: list[Any]) -> None:
     """Store every image, finish every job in one transaction, then wake the waiters."""
     with unit_of_work(rt.session_factory) as session:
         for job, result in zip(batch, results, strict=True):
             images: list[dict[str, Any]] = []
             for picture, seed in zip(result.images, result.seeds, strict=True):
-                buffer = io.BytesIO()
-                # Level 1: several times faster than the default at large sizes, a bit bigger.
-                picture.save(buffer, format="PNG", compress_level=1)
-                stored = rt.store.put_bytes(buffer.getvalue(), prefix="images", suffix=".png")
-                row = Image(
-                    id=new_id("img"),  # known now: no flush per image
-                    tenant_id=job.tenant_id,
-                    job_id=job.id,
-                    storage_key=stored.key,
-                    seed=seed,
-                    width=picture.width,
-                    height=picture.height,
+                image_id = new_id("img")
+                key = f"images/{image_id}.png"
+                _store_png(rt.store, key, picture)  # in place before its row is visible
+                session.add(
+                    Image(
+                        id=image_id,
+                        tenant_id=job.tenant_id,
+                        job_id=job.id,
+                        storage_key=key,
+                        seed=seed,
+                        width=picture.width,
+                        height=picture.height,
+                    )
                 )
-                session.add(row)
                 images.append(
-                    {"id": row.id, "seed": seed, "width": row.width, "height": row.height}
+                    {"id": image_id, "seed": seed, "width": picture.width, "height": picture.height}
                 )
             timings = result.timings
-            queue_wait = (job.started_at - job.queued_at).total_seconds() if job.started_at else 0.0
             lifecycle.finish_job(
                 session,
                 job_id=job.id,
@@ -180,7 +209,7 @@ def _record(rt: WorkerRuntime, batch: list[Job], results: list[Any]) -> None:
                     "images": images,
                     "batch_size": len(batch),
                     "timings": {
-                        "queue_wait_s": round(queue_wait, 4),
+                        "queue_wait_s": round(job.queue_wait_s, 4),
                         "adapter_load_s": round(timings.adapter_load_s, 4),
                         "adapter_switch_s": round(timings.adapter_switch_s, 4),
                         "denoise_s": round(timings.denoise_s, 4),
@@ -193,7 +222,7 @@ def _record(rt: WorkerRuntime, batch: list[Job], results: list[Any]) -> None:
         publish_done(rt.redis, rt.settings, job.id)
 
 
-def _fail(rt: WorkerRuntime, jobs: list[Job], code: str, message: str) -> None:
+def _fail(rt: WorkerRuntime, jobs: list[_Leased], code: str, message: str) -> None:
     with unit_of_work(rt.session_factory) as session:
         for job in jobs:
             lifecycle.finish_job(

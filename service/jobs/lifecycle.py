@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Executable, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, Executable, func, select, update
 from sqlalchemy.orm import Session
 
 from service.db import new_id, utcnow
@@ -76,11 +76,22 @@ def add_event(
 
 def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> Job | None:
     """Claim a queued job. Returns None when it is not queued (taken, cancelled, finished)."""
+    jobs = take_leases(session, condition=Job.id == job_id, owner=owner, lease_s=lease_s)
+    return jobs[0] if jobs else None
+
+
+def take_leases(
+    session: Session, *, condition: ColumnElement[bool], owner: str, lease_s: float
+) -> list[Job]:
+    """Claim every queued job matching ``condition`` in one statement; returns those claimed.
+
+    The statement moves each job, reserves its event number and returns its row; the jobs'
+    "running" events are added to the session (written at the next flush).
+    """
     now = utcnow()
-    # One statement moves the job, reserves its event number and returns the row.
-    job = session.scalars(
+    jobs = session.scalars(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+        .where(Job.status == JobStatus.QUEUED.value, condition)
         .values(
             status=JobStatus.RUNNING.value,
             lease_owner=owner,
@@ -92,19 +103,18 @@ def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> 
         )
         .returning(Job)
         .execution_options(synchronize_session=False, populate_existing=True)
-    ).one_or_none()
-    if job is None:
-        return None
-    session.add(
-        JobEvent(
-            job_id=job_id,
-            seq=job.event_seq,
-            type="state",
-            level="info",
-            data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
+    ).all()
+    for job in jobs:
+        session.add(
+            JobEvent(
+                job_id=job.id,
+                seq=job.event_seq,
+                type="state",
+                level="info",
+                data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
+            )
         )
-    )
-    return job
+    return list(jobs)
 
 
 def renew_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> str | None:

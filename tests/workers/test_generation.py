@@ -239,3 +239,44 @@ def test_idempotency_key_on_generate_and_jobs(client: TestClient, auth: dict[str
     two = client.post("/jobs", headers={**auth, "Idempotency-Key": "train-1"}, json=train)
     assert one.status_code == two.status_code == 201 and one.json()["id"] == two.json()["id"]
     assert len(client.get("/jobs?kind=train", headers=auth).json()["data"]) == 1
+
+
+def test_queued_compatible_jobs_share_one_pipeline_call(
+    stack: Stack, client: TestClient, auth: dict[str, str]
+) -> None:
+    """Jobs queued while no worker runs are leased together when their shapes match."""
+    for proc in list(stack.workers):
+        stack.stop_worker(proc)
+    small = {**SETTINGS, "width": 32, "height": 32}
+    bodies = [
+        {"prompt": f"a cat {i}", "seed": 10 + i, "wait": 0, "response_format": "b64_json", **small}
+        for i in range(3)
+    ]
+    bodies.append({**bodies[0], "num_inference_steps": 2})  # another shape: its own call
+    ids = []
+    for body in bodies:
+        response = client.post("/generate", headers=auth, json=body)
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+
+    stack.start_worker()
+    jobs = [
+        wait_for(
+            lambda job_id=job_id: (
+                (j := client.get(f"/jobs/{job_id}", headers=auth).json())["status"] == "succeeded"
+                and j
+            ),
+            timeout=120,
+            what=f"generation {job_id}",
+        )
+        for job_id in ids
+    ]
+    assert [j["result"]["batch_size"] for j in jobs] == [3, 3, 3, 1]
+    assert len({j["result"]["timings"]["total_s"] for j in jobs[:3]}) == 1  # one call
+    # A batched image is the image the same request makes alone.
+    alone = client.post("/generate", headers=auth, json={**bodies[1], "wait": 60})
+    assert alone.status_code == 200, alone.text
+    batched = client.get(jobs[1]["result"]["images"][0]["id"].join(["/images/", ""]), headers=auth)
+    assert batched.status_code == 200
+    got = np.asarray(Image.open(io.BytesIO(batched.content)).convert("RGB"), dtype=np.int16)
+    assert np.abs(got - png(client, auth, alone.json()["images"][0])).max() <= 2
