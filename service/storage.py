@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -76,8 +76,12 @@ class ArtifactStore:
             raise
         return StoredObject(key=key, sha256=sha, size=size)
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        """Store ``data`` under the caller's key, atomically (temp file, fsync, rename)."""
+    def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None:
+        """Store ``data`` under the caller's key, atomically (temp file, rename).
+
+        ``sync=False`` leaves the fsync to a later :meth:`sync` call, so a caller can make the
+        file durable after it has answered; readers see the whole file either way.
+        """
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp_root = self.root / ".tmp"
@@ -87,11 +91,21 @@ class ArtifactStore:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
                 out.flush()
-                os.fsync(out.fileno())
+                if sync:
+                    os.fsync(out.fileno())
             os.replace(tmp_name, dest)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """Flush files written with ``sync=False`` to disk."""
+        for key in keys:
+            fd = os.open(self.path(key), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def put_bytes(self, data: bytes, *, prefix: str, suffix: str = "") -> StoredObject:
         import io

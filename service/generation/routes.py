@@ -124,7 +124,7 @@ async def generate_route(
     settings: AppSettings,
     store: Store,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> GenerateOut | JSONResponse:
+) -> Response:
     """Generate images with any mix of adapters on the shared base model."""
     wait_s = settings.generate_default_wait_s if body.wait is None else body.wait
     if wait_s > settings.generate_max_wait_s:
@@ -150,7 +150,8 @@ async def generate_route(
         ),
     )
     if not isinstance(outcome, Job):
-        return outcome
+        # Already a validated GenerateOut: serialize it once, without FastAPI validating it again.
+        return Response(outcome.model_dump_json(), media_type="application/json")
     job = outcome
     if job.status == JobStatus.FAILED.value:
         raise ServiceError(
