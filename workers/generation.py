@@ -85,7 +85,7 @@ def _to_request(job: Job) -> GenerationRequest:
 
 @dataclass(frozen=True)
 class _Leased:
-    """What the rest of the task needs from a leased job row (read before the commit)."""
+    """What the rest of the task needs from a leased job row, read inside the lease transaction."""
 
     id: str
     tenant_id: str
