@@ -165,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         key = dev_api_key(settings)
         if not args.no_worker:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "worker"],
+                [sys.executable, "-m", "service.cli", "worker", "--log-level", args.log_level],
                 env=child_env(settings),
                 start_new_session=True,  # Ctrl-C reaches us; we stop the worker in order
             )
