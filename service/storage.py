@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -45,36 +45,48 @@ class ArtifactStore:
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
 
+    def _tmp_root(self) -> Path:
+        tmp_root = self.root / ".tmp"
+        tmp_root.mkdir(exist_ok=True)
+        return tmp_root
+
     def tempdir(self, *, prefix: str = "tmp") -> Path:
         """A scratch directory on the store's filesystem (so a rename into place is atomic)."""
-        tmp_root = self.root / ".tmp"
-        tmp_root.mkdir(exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=tmp_root))
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=self._tmp_root()))
 
-    def put_stream(self, stream: BinaryIO, *, prefix: str, suffix: str = "") -> StoredObject:
-        """Store a stream under ``prefix/<sha256><suffix>``; identical content is stored once."""
-        tmp_root = self.root / ".tmp"
-        tmp_root.mkdir(exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=tmp_root)
+    def _place(self, write: Callable[[BinaryIO], str], *, sync: bool = True) -> str:
+        """Fill a temp file with ``write`` (which returns the key), fsync it unless told not
+        to, and rename it to that key; nothing is left behind if anything fails."""
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp_root())
         try:
             with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
+                key = write(out)
                 out.flush()
-                os.fsync(out.fileno())
-            sha = digest.hexdigest()
-            key = f"{prefix}/{sha}{suffix}"
+                if sync:
+                    os.fsync(out.fileno())
             dest = self.path(key)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_name, dest)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-        return StoredObject(key=key, sha256=sha, size=size)
+        return key
+
+    def put_stream(self, stream: BinaryIO, *, prefix: str, suffix: str = "") -> StoredObject:
+        """Store a stream under ``prefix/<sha256><suffix>``; identical content is stored once."""
+        digest = hashlib.sha256()
+        size = 0
+
+        def write(out: BinaryIO) -> str:
+            nonlocal size
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+            return f"{prefix}/{digest.hexdigest()}{suffix}"
+
+        key = self._place(write)
+        return StoredObject(key=key, sha256=digest.hexdigest(), size=size)
 
     def write_bytes(self, key: str, data: bytes, *, sync: bool = True) -> None:
         """Store ``data`` under the caller's key, atomically (temp file, rename).
@@ -82,21 +94,12 @@ class ArtifactStore:
         ``sync=False`` leaves the fsync to a later :meth:`sync` call, so a caller can make the
         file durable after it has answered; readers see the whole file either way.
         """
-        dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp_root = self.root / ".tmp"
-        tmp_root.mkdir(exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=tmp_root)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                if sync:
-                    os.fsync(out.fileno())
-            os.replace(tmp_name, dest)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+
+        def write(out: BinaryIO) -> str:
+            out.write(data)
+            return key
+
+        self._place(write, sync=sync)
 
     def sync(self, keys: Iterable[str]) -> None:
         """Flush files written with ``sync=False`` to disk."""

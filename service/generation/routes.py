@@ -94,18 +94,17 @@ async def _run(
     # A replayed Idempotency-Key names an earlier job, perhaps long finished: read it at once,
     # then poll it (its notification, if any, was for the first request).
     with listener.waiting(new_job_id) as done:
-        job_id, created = await run_in_threadpool(create_and_commit)
+        job_id, wait_first = await run_in_threadpool(create_and_commit)
         deadline = time.monotonic() + wait_s
         while True:
-            remaining = deadline - time.monotonic()
-            if created:
-                await wait_for(done, min(max(remaining, 0.0), settings.generate_poll_s))
+            if wait_first:
+                remaining = max(deadline - time.monotonic(), 0.0)
+                await wait_for(done, min(remaining, settings.generate_poll_s))
                 done.clear()
-            created = True
+            wait_first = True
             outcome = await run_in_threadpool(read)
-            if not isinstance(outcome, Job) or outcome.status in FINAL_JOB_STATUSES:
-                return outcome
-            if deadline - time.monotonic() <= 0:
+            finished = not isinstance(outcome, Job) or outcome.status in FINAL_JOB_STATUSES
+            if finished or time.monotonic() >= deadline:
                 return outcome
 
 

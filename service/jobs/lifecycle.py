@@ -52,11 +52,14 @@ def create_job(
         event_seq=1,  # its first event, added with it: one flush, no sequence UPDATE
     )
     session.add(job)
-    session.add(
-        JobEvent(job_id=job.id, seq=1, type="state", data={"status": JobStatus.QUEUED.value})
-    )
+    session.add(_state_event(job.id, 1, {"status": JobStatus.QUEUED.value}))
     session.flush()
     return job
+
+
+def _state_event(job_id: str, seq: int, data: dict[str, Any], level: str = "info") -> JobEvent:
+    """A state-change event whose number the caller reserved with the state change itself."""
+    return JobEvent(job_id=job_id, seq=seq, type="state", level=level, data=data)
 
 
 def add_event(
@@ -105,15 +108,8 @@ def take_leases(
         .execution_options(synchronize_session=False, populate_existing=True)
     ).all()
     for job in jobs:
-        session.add(
-            JobEvent(
-                job_id=job.id,
-                seq=job.event_seq,
-                type="state",
-                level="info",
-                data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
-            )
-        )
+        data = {"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner}
+        session.add(_state_event(job.id, job.event_seq, data))
     return list(jobs)
 
 
@@ -167,15 +163,8 @@ def finish_job(
     data: dict[str, Any] = {"status": status.value}
     if error_code:
         data["error"] = {"code": error_code, "message": error_message}
-    session.add(
-        JobEvent(
-            job_id=job_id,
-            seq=seq,
-            type="state",
-            level="error" if status is JobStatus.FAILED else "info",
-            data=data,
-        )
-    )
+    level = "error" if status is JobStatus.FAILED else "info"
+    session.add(_state_event(job_id, seq, data, level))
     return True
 
 
