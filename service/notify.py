@@ -1,16 +1,20 @@
 """Job-finished notifications over Redis pub/sub, so a waiting request wakes at once.
 
-SQL stays the source of truth: a notification only says "look now"; a missed one costs a poll.
+SQL stays the source of truth. A worker publishes after its commit: the job id and the
+outcome it committed (status, result or error), so the request waiting for that job answers
+with what SQL now holds without reading the row back. A missed notification costs a poll of
+SQL; a notification without an outcome (or one that can't be read) says only "look now".
 
-Workers publish the job id on one channel. Each API process holds a single subscription to it
-for its whole life (:class:`DoneListener`) and wakes the request waiting for that id, so a
-request costs no Redis round trip of its own: no connection, SUBSCRIBE or UNSUBSCRIBE.
+Workers publish on one channel. Each API process holds a single subscription to it for its
+whole life (:class:`DoneListener`) and wakes the request waiting for that id, so a request
+costs no Redis round trip of its own: no connection, SUBSCRIBE or UNSUBSCRIBE.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 
@@ -18,6 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from service.config import Settings
+from service.jobs.lifecycle import JobOutcome
 
 log = logging.getLogger("lorastack.notify")
 
@@ -26,10 +31,35 @@ def channel(settings: Settings) -> str:
     return f"{settings.redis_key_prefix}lorastack:job-done"
 
 
-def publish_done(client: redis.Redis, settings: Settings, job_id: str) -> None:
-    """Tell any waiter that ``job_id`` reached a final state (best effort)."""
+def publish_done(
+    client: redis.Redis, settings: Settings, job_id: str, outcome: JobOutcome | None = None
+) -> None:
+    """Tell any waiter that ``job_id`` reached a final state, committed as ``outcome``
+    (best effort)."""
+    message = {"job_id": job_id, "outcome": outcome.to_json() if outcome else None}
     with contextlib.suppress(redis.RedisError):
-        client.publish(channel(settings), job_id)
+        client.publish(channel(settings), json.dumps(message, separators=(",", ":")))
+
+
+def _parse(data: bytes | str) -> tuple[str, JobOutcome | None]:
+    """(job id, outcome) of a notification; a bare job id, or an outcome that can't be read,
+    gives no outcome (the waiter reads SQL)."""
+    text = data.decode() if isinstance(data, bytes) else str(data)
+    try:
+        message = json.loads(text)
+        job_id = str(message["job_id"])
+    except (ValueError, TypeError, KeyError):
+        return text, None
+    try:
+        return job_id, JobOutcome.from_json(message["outcome"])
+    except (ValueError, TypeError, KeyError):
+        return job_id, None
+
+
+class Waiter(asyncio.Event):
+    """Set when its job is announced; ``outcome`` is what the worker committed, if it said."""
+
+    outcome: JobOutcome | None = None
 
 
 class DoneListener:
@@ -43,7 +73,7 @@ class DoneListener:
         self._client = client
         self._channel = channel(settings)
         self._retry_s = retry_s
-        self._waiters: dict[str, list[asyncio.Event]] = {}
+        self._waiters: dict[str, list[Waiter]] = {}
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
@@ -61,9 +91,9 @@ class DoneListener:
             self._task = None
 
     @contextlib.contextmanager
-    def waiting(self, job_id: str) -> Iterator[asyncio.Event]:
-        """An event set when ``job_id`` is announced; register it before the job is sent."""
-        event = asyncio.Event()
+    def waiting(self, job_id: str) -> Iterator[Waiter]:
+        """A waiter set when ``job_id`` is announced; register it before the job is sent."""
+        event = Waiter()
         self._waiters.setdefault(job_id, []).append(event)
         try:
             yield event
@@ -83,10 +113,10 @@ class DoneListener:
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
-                    data = message["data"]
-                    job_id = data.decode() if isinstance(data, bytes) else str(data)
-                    for event in self._waiters.get(job_id, ()):
-                        event.set()
+                    job_id, outcome = _parse(message["data"])
+                    for waiter in self._waiters.get(job_id, ()):
+                        waiter.outcome = outcome
+                        waiter.set()
             except (redis.RedisError, OSError) as exc:
                 log.warning("job-done subscription lost (%s); retrying", exc)
             finally:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
 
-from service.db import new_id, unit_of_work
+from service.db import new_id, unit_of_work, utcnow
 from service.jobs import lifecycle
-from service.models import Image, Job, JobKind, JobStatus
+from service.jobs.lifecycle import LeasedJob
+from service.models import Image, JobKind, JobStatus
 from service.notify import publish_done
 from service.storage import ArtifactStore
 from workers.runtime import WorkerRuntime
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from workers.engine.inference.generation import GenerationRequest, InferenceEngine
 
 log = logging.getLogger("lorastack.worker")
+
+IMAGE_TABLE = cast(Table, Image.__table__)
 
 _engine: InferenceEngine | None = None
 
@@ -61,7 +63,7 @@ def get_engine(rt: WorkerRuntime) -> InferenceEngine:
     return _engine
 
 
-def _to_request(job: Job) -> GenerationRequest:
+def _to_request(job: LeasedJob) -> GenerationRequest:
     from workers.engine.inference.generation import AdapterRef, GenerationRequest
 
     params = job.params["request"]
@@ -83,18 +85,7 @@ def _to_request(job: Job) -> GenerationRequest:
     )
 
 
-@dataclass(frozen=True)
-class _Leased:
-    """What the rest of the task needs from a leased job row, read inside the lease transaction."""
-
-    id: str
-    tenant_id: str
-    base_model: str | None
-    queue_wait_s: float
-    request: GenerationRequest | None
-
-
-def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[Job]:
+def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[LeasedJob]:
     """Lease the job and the queued jobs that can share its pipeline call (same base model, the
     one this worker serves, and same batch key). Their own messages arrive later, find the lease
     taken and do nothing."""
@@ -107,24 +98,22 @@ def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[Job]:
     if limit <= 0 or first.base_model != rt.settings.default_base_model:
         return [first]
     # Ids only, matched on the batch key in SQL: usually there are none, and that costs little.
+    job = lifecycle.JOB_TABLE.c
     candidates = session.scalars(
-        select(Job.id)
+        select(job.id)
         .where(
-            Job.status == JobStatus.QUEUED.value,
-            Job.kind == JobKind.GENERATE.value,
-            Job.base_model == first.base_model,
-            Job.params["batch_key"].as_string() == first.params.get("batch_key"),
+            job.status == JobStatus.QUEUED.value,
+            job.kind == JobKind.GENERATE.value,
+            job.base_model == first.base_model,
+            job.params["batch_key"].as_string() == first.params.get("batch_key"),
         )
-        .order_by(Job.queued_at)
+        .order_by(job.queued_at)
         .limit(limit)
     ).all()
     if not candidates:
         return [first]
     others = lifecycle.take_leases(
-        session,
-        condition=Job.id.in_(candidates),
-        owner=rt.worker_id,
-        lease_s=rt.settings.job_lease_s,
+        session, job_ids=candidates, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
     )
     return [first, *sorted(others, key=lambda j: j.queued_at)]
 
@@ -132,24 +121,13 @@ def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[Job]:
 def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
     serves = rt.settings.default_base_model
     with unit_of_work(rt.session_factory) as session:
-        batch = [
-            _Leased(
-                id=job.id,
-                tenant_id=job.tenant_id,
-                base_model=job.base_model,
-                queue_wait_s=(
-                    (job.started_at - job.queued_at).total_seconds() if job.started_at else 0.0
-                ),
-                request=_to_request(job) if job.base_model == serves else None,
-            )
-            for job in _lease_batch(session, rt, job_id)
-        ]
+        batch = _lease_batch(session, rt, job_id)
     if not batch:
         log.info("generate %s: not queued any more (done, batched or cancelled)", job_id)
         return
     rt.current_job_id = job_id
     try:
-        if batch[0].request is None:
+        if batch[0].base_model != serves:
             _fail(
                 rt,
                 batch,
@@ -158,7 +136,7 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
             )
             return
         engine = get_engine(rt)
-        results = engine.generate_batch([j.request for j in batch if j.request is not None])
+        results = engine.generate_batch([_to_request(job) for job in batch])
         _record(rt, batch, results)
         rt.info["inference"] = engine.snapshot()
     except Exception as exc:
@@ -176,37 +154,41 @@ def _store_png(store: ArtifactStore, key: str, picture: PILImage) -> None:
     store.write_bytes(key, buffer.getvalue(), sync=False)
 
 
-def _record(rt: WorkerRuntime, batch: list[_Leased], results: list[Any]) -> None:
+def _record(rt: WorkerRuntime, batch: list[LeasedJob], results: list[Any]) -> None:
     """Store every image, finish every job in one transaction, then wake the waiters.
 
     Each file is in place (renamed whole) before its row is committed; the fsync that makes it
     durable comes after the waiters are woken, off the request's path.
     """
     keys: list[str] = []
+    image_rows: list[dict[str, Any]] = []
+    outcomes: dict[str, lifecycle.JobOutcome | None] = {}
+    now = utcnow()
     with unit_of_work(rt.session_factory) as session:
         for job, result in zip(batch, results, strict=True):
             images: list[dict[str, Any]] = []
             for picture, seed in zip(result.images, result.seeds, strict=True):
-                image_id = new_id("img")
-                key = f"images/{image_id}.png"
+                image = {
+                    "id": new_id("img"),
+                    "seed": seed,
+                    "width": picture.width,
+                    "height": picture.height,
+                }
+                key = f"images/{image['id']}.png"
                 _store_png(rt.store, key, picture)
                 keys.append(key)
-                session.add(
-                    Image(
-                        id=image_id,
-                        tenant_id=job.tenant_id,
-                        job_id=job.id,
-                        storage_key=key,
-                        seed=seed,
-                        width=picture.width,
-                        height=picture.height,
-                    )
-                )
-                images.append(
-                    {"id": image_id, "seed": seed, "width": picture.width, "height": picture.height}
+                images.append(image)
+                image_rows.append(
+                    {
+                        **image,
+                        "tenant_id": job.tenant_id,
+                        "job_id": job.id,
+                        "storage_key": key,
+                        "created_at": now,
+                    }
                 )
             timings = result.timings
-            lifecycle.finish_job(
+            outcomes[job.id] = lifecycle.finish_job(
                 session,
                 job_id=job.id,
                 owner=rt.worker_id,
@@ -215,7 +197,7 @@ def _record(rt: WorkerRuntime, batch: list[_Leased], results: list[Any]) -> None
                     "images": images,
                     "batch_size": len(batch),
                     "timings": {
-                        "queue_wait_s": round(job.queue_wait_s, 4),
+                        "queue_wait_s": round((job.started_at - job.queued_at).total_seconds(), 4),
                         "adapter_load_s": round(timings.adapter_load_s, 4),
                         "adapter_switch_s": round(timings.adapter_switch_s, 4),
                         "denoise_s": round(timings.denoise_s, 4),
@@ -224,15 +206,17 @@ def _record(rt: WorkerRuntime, batch: list[_Leased], results: list[Any]) -> None
                     },
                 },
             )
-    for job in batch:
-        publish_done(rt.redis, rt.settings, job.id)
+        if image_rows:
+            session.execute(insert(IMAGE_TABLE), image_rows)
+    for job_id, outcome in outcomes.items():
+        publish_done(rt.redis, rt.settings, job_id, outcome)
     rt.store.sync(keys)
 
 
-def _fail(rt: WorkerRuntime, jobs: list[_Leased], code: str, message: str) -> None:
+def _fail(rt: WorkerRuntime, jobs: list[LeasedJob], code: str, message: str) -> None:
     with unit_of_work(rt.session_factory) as session:
-        for job in jobs:
-            lifecycle.finish_job(
+        outcomes = {
+            job.id: lifecycle.finish_job(
                 session,
                 job_id=job.id,
                 owner=rt.worker_id,
@@ -240,5 +224,7 @@ def _fail(rt: WorkerRuntime, jobs: list[_Leased], code: str, message: str) -> No
                 error_code=code,
                 error_message=message,
             )
-    for job in jobs:
-        publish_done(rt.redis, rt.settings, job.id)
+            for job in jobs
+        }
+    for job_id, outcome in outcomes.items():
+        publish_done(rt.redis, rt.settings, job_id, outcome)

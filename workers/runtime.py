@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings, get_settings
 from service.db import make_engine, make_session_factory, process_id, unit_of_work, utcnow
 from service.jobs import lifecycle
-from service.models import Job, Worker
+from service.jobs.lifecycle import LeasedJob
+from service.models import Worker
 from service.queue import QUEUES, TaskSender
 from service.storage import ArtifactStore
 
@@ -84,9 +85,9 @@ class WorkerRuntime:
         """One Redis client (connection pool) per process, for job-done notifications."""
         return redis.Redis.from_url(self.settings.redis_client_url)
 
-    def lease(self, job_id: str) -> Job | None:
-        """Take the job's lease (returns the Job), or None when it is not queued any more:
-        a duplicate delivery, a job batched into another, or a cancelled one."""
+    def lease(self, job_id: str) -> LeasedJob | None:
+        """Take the job's lease (returns the job as leased), or None when it is not queued any
+        more: a duplicate delivery, a job batched into another, or a cancelled one."""
         with unit_of_work(self.session_factory) as session:
             return lifecycle.take_lease(
                 session, job_id=job_id, owner=self.worker_id, lease_s=self.settings.job_lease_s

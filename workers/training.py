@@ -17,6 +17,7 @@ from service.adapters.service import canonical_file_bytes
 from service.base_models import local_folder
 from service.db import unit_of_work, utcnow
 from service.jobs import lifecycle
+from service.jobs.lifecycle import LeasedJob
 from service.models import Checkpoint, Dataset, DatasetStatus, Image, Job, JobStatus
 from workers.engine.training.callbacks import (
     CheckpointInfo,
@@ -223,7 +224,7 @@ def _finish(
         )
 
 
-def _train_and_publish(rt: WorkerRuntime, job: Job) -> None:
+def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
     from workers.engine.training.config import TrainConfig
     from workers.engine.training.data import TrainItem
     from workers.engine.training.trainer import train_lora

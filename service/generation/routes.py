@@ -58,34 +58,43 @@ async def _run(
     listener: DoneListener = request.app.state.done_listener
     new_job_id = new_id("job")
 
-    def create_and_commit() -> tuple[str, bool]:
-        job_id, created = create_once(
+    def create_and_commit() -> tuple[str, Job | None]:
+        """(id of the job to wait for, the job if this request created it)."""
+        made: list[Job] = []
+
+        def create() -> str:
+            job = create_generation_job(
+                uow.session, settings=settings, tenant_id=tenant_id, body=body, job_id=new_job_id
+            )
+            made.append(job)  # kept: the session's identity map holds it only weakly
+            return job.id
+
+        job_id, is_new = create_once(
             uow.session,
             tenant_id=tenant_id,
             scope="POST /generate",
             key=idempotency_key,
-            payload=body.model_dump(mode="json"),
-            create=lambda: (
-                create_generation_job(
-                    uow.session,
-                    settings=settings,
-                    tenant_id=tenant_id,
-                    body=body,
-                    job_id=new_job_id,
-                ).id
-            ),
+            payload=body.model_dump(mode="json") if idempotency_key else {},
+            create=create,
         )
-        if created:
+        if is_new:
             uow.after_commit(
                 lambda: uow.sender.send(TASK_GENERATE, job_id=job_id, queue=GENERATE_QUEUE)
             )
         uow.commit()
-        return job_id, created
+        return job_id, made[0] if is_new else None
 
     def read() -> Job | T:
-        """The job as committed now (the worker updates it from another process)."""
-        uow.session.expire_all()
-        job = get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
+        """The job as committed now (the worker updates it from another process). For the job
+        this request created, a success is taken from the notification, which carries what the
+        worker committed; anything else is read from SQL."""
+        notified = waiter.outcome
+        if created is not None and notified and notified.status == JobStatus.SUCCEEDED.value:
+            job = created
+            notified.apply_to(job)
+        else:
+            uow.session.expire_all()
+            job = get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
         outcome: Job | T = answer(job) if job.status == JobStatus.SUCCEEDED.value else job
         uow.session.commit()  # end the read; nothing is expired (expire_on_commit=False)
         return outcome
@@ -93,14 +102,15 @@ async def _run(
     # Wait for the notification registered before the message goes out, so it can't be missed.
     # A replayed Idempotency-Key names an earlier job, perhaps long finished: read it at once,
     # then poll it (its notification, if any, was for the first request).
-    with listener.waiting(new_job_id) as done:
-        job_id, wait_first = await run_in_threadpool(create_and_commit)
+    with listener.waiting(new_job_id) as waiter:
+        job_id, created = await run_in_threadpool(create_and_commit)
+        wait_first = created is not None
         deadline = time.monotonic() + wait_s
         while True:
             if wait_first:
                 remaining = max(deadline - time.monotonic(), 0.0)
-                await wait_for(done, min(remaining, settings.generate_poll_s))
-                done.clear()
+                await wait_for(waiter, min(remaining, settings.generate_poll_s))
+                waiter.clear()
             wait_first = True
             outcome = await run_in_threadpool(read)
             finished = not isinstance(outcome, Job) or outcome.status in FINAL_JOB_STATUSES

@@ -6,12 +6,14 @@ message) can never both run a job, and a terminal state is never left.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Executable, func, select, update
+from sqlalchemy import CursorResult, Executable, Table, func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service.db import new_id, utcnow
 from service.models import FINAL_JOB_STATUSES, Job, JobEvent, JobStatus
@@ -77,40 +79,95 @@ def add_event(
     return int(seq)
 
 
-def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> Job | None:
+# Leases and finishes are on every generation request's path, so they are Core statements on
+# the tables: the ORM's bulk UPDATE ... RETURNING and unit-of-work flush added about half again
+# to each of these transactions (docs/benchmarks.md, service overhead).
+JOB_TABLE = cast(Table, Job.__table__)
+EVENT_TABLE = cast(Table, JobEvent.__table__)
+
+
+@dataclass(frozen=True)
+class LeasedJob:
+    """What a worker needs of a job it has just leased (read by the leasing statement)."""
+
+    id: str
+    tenant_id: str
+    kind: str
+    base_model: str | None
+    dataset_id: str | None
+    adapter_name: str | None
+    params: dict[str, Any]
+    attempts: int
+    queued_at: datetime
+    started_at: datetime
+
+
+_LEASED_COLUMNS = [JOB_TABLE.c[f.name] for f in fields(LeasedJob)]
+
+
+def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> LeasedJob | None:
     """Claim a queued job. Returns None when it is not queued (taken, cancelled, finished)."""
-    jobs = take_leases(session, condition=Job.id == job_id, owner=owner, lease_s=lease_s)
+    jobs = take_leases(session, job_ids=[job_id], owner=owner, lease_s=lease_s)
     return jobs[0] if jobs else None
 
 
 def take_leases(
-    session: Session, *, condition: ColumnElement[bool], owner: str, lease_s: float
-) -> list[Job]:
-    """Claim every queued job matching ``condition`` in one statement; returns those claimed.
-
-    The statement moves each job, reserves its event number and returns its row; the jobs'
-    "running" events are added to the session (written at the next flush).
-    """
+    session: Session, *, job_ids: Sequence[str], owner: str, lease_s: float
+) -> list[LeasedJob]:
+    """Claim every job of ``job_ids`` that is still queued, in one statement; returns those
+    claimed (in no particular order), each with its "running" event added."""
     now = utcnow()
-    jobs = session.scalars(
-        update(Job)
-        .where(Job.status == JobStatus.QUEUED.value, condition)
+    rows = session.execute(
+        update(JOB_TABLE)
+        .where(JOB_TABLE.c.status == JobStatus.QUEUED.value, JOB_TABLE.c.id.in_(job_ids))
         .values(
             status=JobStatus.RUNNING.value,
             lease_owner=owner,
             lease_expires_at=now + timedelta(seconds=lease_s),
             heartbeat_at=now,
-            attempts=Job.attempts + 1,
-            started_at=func.coalesce(Job.started_at, now),
-            event_seq=Job.event_seq + 1,
+            attempts=JOB_TABLE.c.attempts + 1,
+            started_at=func.coalesce(JOB_TABLE.c.started_at, now),
+            event_seq=JOB_TABLE.c.event_seq + 1,
         )
-        .returning(Job)
-        .execution_options(synchronize_session=False, populate_existing=True)
+        .returning(*_LEASED_COLUMNS, JOB_TABLE.c.event_seq)
     ).all()
-    for job in jobs:
-        data = {"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner}
-        session.add(_state_event(job.id, job.event_seq, data))
-    return list(jobs)
+    if not rows:
+        return []
+    jobs = [LeasedJob(*row[:-1]) for row in rows]
+    _insert_state_events(
+        session,
+        [
+            (
+                job.id,
+                row[-1],
+                {"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
+                "info",
+            )
+            for job, row in zip(jobs, rows, strict=True)
+        ],
+        now=now,
+    )
+    return jobs
+
+
+def _insert_state_events(
+    session: Session, events: Sequence[tuple[str, int, dict[str, Any], str]], *, now: datetime
+) -> None:
+    """State events (job id, reserved seq, data, level) in one INSERT."""
+    session.execute(
+        insert(EVENT_TABLE),
+        [
+            {
+                "job_id": job_id,
+                "seq": seq,
+                "type": "state",
+                "level": level,
+                "data": data,
+                "created_at": now,
+            }
+            for job_id, seq, data, level in events
+        ],
+    )
 
 
 def renew_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> str | None:
@@ -128,6 +185,31 @@ def renew_lease(session: Session, *, job_id: str, owner: str, lease_s: float) ->
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
+@dataclass(frozen=True)
+class JobOutcome:
+    """A job's final state as committed by ``finish_job``; the job-done notification carries it
+    so the request waiting for the job can answer without reading the row back."""
+
+    status: str
+    finished_at: datetime
+    result: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "finished_at": self.finished_at.isoformat()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobOutcome:
+        return cls(**{**data, "finished_at": datetime.fromisoformat(data["finished_at"])})
+
+    def apply_to(self, job: Job) -> None:
+        """Set these values on ``job`` as loaded state (no change to flush): the row as
+        committed, for a session that holds the job from before it finished."""
+        for name, value in asdict(self).items():
+            set_committed_value(job, name, value)
+
+
 def finish_job(
     session: Session,
     *,
@@ -137,12 +219,20 @@ def finish_job(
     result: dict[str, Any] | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
-) -> bool:
-    """Move a held job to a terminal state. False if this owner no longer holds it."""
+) -> JobOutcome | None:
+    """Move a held job to a terminal state; returns its outcome, or None if this owner no
+    longer holds it."""
     assert status in FINAL_JOB_STATUSES
+    outcome = JobOutcome(
+        status=status.value,
+        finished_at=utcnow(),
+        result=result,
+        error_code=error_code,
+        error_message=error_message if error_code is not None else None,
+    )
     values: dict[str, Any] = {
         "status": status.value,
-        "finished_at": utcnow(),
+        "finished_at": outcome.finished_at,
         "lease_owner": None,
         "lease_expires_at": None,
     }
@@ -151,21 +241,24 @@ def finish_job(
     if error_code is not None:
         values["error_code"] = error_code
         values["error_message"] = error_message
-    seq = session.scalar(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(RUNNING_STATES))
-        .values(**values, event_seq=Job.event_seq + 1)
-        .returning(Job.event_seq)
-        .execution_options(synchronize_session=False)
-    )
+    seq = session.execute(
+        update(JOB_TABLE)
+        .where(
+            JOB_TABLE.c.id == job_id,
+            JOB_TABLE.c.lease_owner == owner,
+            JOB_TABLE.c.status.in_(RUNNING_STATES),
+        )
+        .values(**values, event_seq=JOB_TABLE.c.event_seq + 1)
+        .returning(JOB_TABLE.c.event_seq)
+    ).scalar()
     if seq is None:
-        return False
+        return None
     data: dict[str, Any] = {"status": status.value}
     if error_code:
         data["error"] = {"code": error_code, "message": error_message}
     level = "error" if status is JobStatus.FAILED else "info"
-    session.add(_state_event(job_id, seq, data, level))
-    return True
+    _insert_state_events(session, [(job_id, seq, data, level)], now=outcome.finished_at)
+    return outcome
 
 
 def request_cancel(session: Session, *, job: Job) -> None:

@@ -1,4 +1,5 @@
-"""The per-process job-done subscription and the verified-key cache, against real Redis and SQL."""
+"""The per-process job-done subscription (and the outcome it carries) and the verified-key
+cache, against real Redis and SQL."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from service.app import create_app
-from service.auth import hash_key
-from service.db import unit_of_work
-from service.models import ApiKey
-from service.notify import DoneListener, publish_done, wait_for
+from service.auth import get_or_create_tenant, hash_key
+from service.db import unit_of_work, utcnow
+from service.jobs import lifecycle
+from service.jobs.lifecycle import JobOutcome
+from service.models import ApiKey, Job, JobStatus
+from service.notify import DoneListener, channel, publish_done, wait_for
 from tests.conftest import Stack, new_tenant_headers
 
 
@@ -73,3 +76,63 @@ def test_a_revoked_key_stops_working_within_the_cache_ttl(stack: Stack) -> None:
             assert right_after == (200 if still_ok_right_after else 401)
             time.sleep(ttl + 0.1)
             assert client.get("/jobs", headers=headers).status_code == 401
+
+
+def test_a_notification_carries_the_committed_outcome_or_says_only_look(stack: Stack) -> None:
+    settings = stack.settings
+    sync = redis.Redis.from_url(settings.redis_client_url)
+    outcome = JobOutcome(
+        status="succeeded", finished_at=utcnow(), result={"images": [{"id": "img_1"}]}
+    )
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(settings.redis_client_url)
+        listener = DoneListener(client, settings)
+        await listener.start()
+        try:
+            with listener.waiting("job_o") as with_outcome, listener.waiting("job_b") as bare:
+                publish_done(sync, settings, "job_o", outcome)
+                publish_done(sync, settings, "job_b")
+                assert await wait_for(with_outcome, 5.0) and await wait_for(bare, 5.0)
+                assert with_outcome.outcome == outcome and bare.outcome is None
+            # A message that isn't ours to read still wakes its waiter, which then reads SQL.
+            for raw in ("job_x", '{"job_id": "job_x", "outcome": {"status": 1}}'):
+                with listener.waiting("job_x") as waiter:
+                    sync.publish(channel(settings), raw)
+                    assert await wait_for(waiter, 5.0) and waiter.outcome is None
+        finally:
+            await listener.stop()
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_applied_outcome_is_the_committed_row_and_writes_nothing(stack: Stack) -> None:
+    with unit_of_work(stack.session_factory) as session:
+        tenant_id = get_or_create_tenant(session, f"t-{secrets.token_hex(4)}").id
+        job = lifecycle.create_job(session, tenant_id=tenant_id, kind="ping", queue="generate")
+    with unit_of_work(stack.session_factory) as session:
+        assert lifecycle.take_lease(session, job_id=job.id, owner="w", lease_s=60) is not None
+        outcome = lifecycle.finish_job(
+            session,
+            job_id=job.id,
+            owner="w",
+            status=JobStatus.SUCCEEDED,
+            result={"images": [{"id": "img_9", "seed": 3}]},
+        )
+    assert outcome is not None
+    # `job` is as this process created it (queued); the outcome brings it to the committed row.
+    with stack.session_factory() as session:
+        session.add(job)
+        outcome.apply_to(job)
+        assert not session.dirty
+        session.commit()
+    with stack.session_factory() as session:
+        row = session.get_one(Job, job.id)
+        committed = (row.status, row.result, row.finished_at, row.error_code)
+    assert (job.status, job.result, job.finished_at, job.error_code) == committed
+    # Finishing again is refused: the lease is gone.
+    with unit_of_work(stack.session_factory) as session:
+        assert (
+            lifecycle.finish_job(session, job_id=job.id, owner="w", status=JobStatus.FAILED) is None
+        )

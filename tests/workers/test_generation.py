@@ -106,6 +106,12 @@ def test_generate_with_two_adapters_matches_plain_diffusers(
         ("beta", 1, 0.3),
     ]
     assert {"queue_wait_s", "adapter_switch_s", "denoise_s", "decode_s"} <= set(answer["timings"])
+    # The answer (built from the worker's notification) is what SQL holds for the job.
+    row = client.get(f"/jobs/{answer['job_id']}", headers=auth).json()
+    assert row["status"] == "succeeded" and row["result"]["timings"] == answer["timings"]
+    assert [{k: i[k] for k in ("id", "seed", "width", "height")} for i in answer["images"]] == row[
+        "result"
+    ]["images"]
     ours = png(client, auth, answer["images"][0])
     expected = reference(tiny_model_dir, [(lora_files[0], 0.7), (lora_files[1], 0.3)], 7)
     assert np.abs(ours - expected).max() <= 2
