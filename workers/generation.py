@@ -7,7 +7,7 @@ import io
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from service.db import new_id, unit_of_work, utcnow
@@ -25,7 +25,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lorastack.worker")
 
-IMAGE_TABLE = cast(Table, Image.__table__)
+# Built once, run with bound parameters (see lifecycle: these are on every request's path).
+_job = lifecycle.JOB_TABLE.c
+_BATCH_MATES = (
+    select(_job.id)
+    .where(
+        _job.status == JobStatus.QUEUED.value,
+        _job.kind == JobKind.GENERATE.value,
+        _job.base_model == bindparam("base_model"),
+        _job.params["batch_key"].as_string() == bindparam("batch_key"),
+    )
+    .order_by(_job.queued_at)
+    .limit(bindparam("limit"))
+)
+_INSERT_IMAGES = insert(cast(Table, Image.__table__))
 
 _engine: InferenceEngine | None = None
 
@@ -98,17 +111,13 @@ def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[Lease
     if limit <= 0 or first.base_model != rt.settings.default_base_model:
         return [first]
     # Ids only, matched on the batch key in SQL: usually there are none, and that costs little.
-    job = lifecycle.JOB_TABLE.c
     candidates = session.scalars(
-        select(job.id)
-        .where(
-            job.status == JobStatus.QUEUED.value,
-            job.kind == JobKind.GENERATE.value,
-            job.base_model == first.base_model,
-            job.params["batch_key"].as_string() == first.params.get("batch_key"),
-        )
-        .order_by(job.queued_at)
-        .limit(limit)
+        _BATCH_MATES,
+        {
+            "base_model": first.base_model,
+            "batch_key": first.params.get("batch_key"),
+            "limit": limit,
+        },
     ).all()
     if not candidates:
         return [first]
@@ -207,7 +216,7 @@ def _record(rt: WorkerRuntime, batch: list[LeasedJob], results: list[Any]) -> No
                 },
             )
         if image_rows:
-            session.execute(insert(IMAGE_TABLE), image_rows)
+            session.execute(_INSERT_IMAGES, image_rows)
     for job_id, outcome in outcomes.items():
         publish_done(rt.redis, rt.settings, job_id, outcome)
     rt.store.sync(keys)

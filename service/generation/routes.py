@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
@@ -33,10 +31,9 @@ from service.problems import (
     field_error,
 )
 from service.queue import GENERATE_QUEUE, TASK_GENERATE
+from service.storage import ArtifactStore
 
 router = APIRouter(tags=["generation"])
-
-T = TypeVar("T")
 
 
 async def _run(
@@ -47,13 +44,9 @@ async def _run(
     body: GenerateRequest,
     wait_s: float,
     idempotency_key: str | None,
-    answer: Callable[[Job], T],
-) -> Job | T:
-    """Create the job, send it, and wait up to ``wait_s`` for it to finish.
-
-    Returns ``answer(job)`` (computed in the same thread-pool hop as the final read) once the
-    job has succeeded, else the job as it stands (failed, or still queued or running).
-    """
+) -> Job:
+    """Create the job, send it, and wait up to ``wait_s`` for it to finish; returns the job as
+    committed then (succeeded, failed, or still queued or running)."""
     settings = request.app.state.settings
     listener: DoneListener = request.app.state.done_listener
     new_job_id = new_id("job")
@@ -84,20 +77,12 @@ async def _run(
         uow.commit()
         return job_id, made[0] if is_new else None
 
-    def read() -> Job | T:
-        """The job as committed now (the worker updates it from another process). For the job
-        this request created, a success is taken from the notification, which carries what the
-        worker committed; anything else is read from SQL."""
-        notified = waiter.outcome
-        if created is not None and notified and notified.status == JobStatus.SUCCEEDED.value:
-            job = created
-            notified.apply_to(job)
-        else:
-            uow.session.expire_all()
-            job = get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
-        outcome: Job | T = answer(job) if job.status == JobStatus.SUCCEEDED.value else job
+    def read() -> Job:
+        """The job as committed now (the worker updates it from another process)."""
+        uow.session.expire_all()
+        job = get_job(uow.session, tenant_id=tenant_id, job_id=job_id)
         uow.session.commit()  # end the read; nothing is expired (expire_on_commit=False)
-        return outcome
+        return job
 
     # Wait for the notification registered before the message goes out, so it can't be missed.
     # A replayed Idempotency-Key names an earlier job, perhaps long finished: read it at once,
@@ -112,10 +97,34 @@ async def _run(
                 await wait_for(waiter, min(remaining, settings.generate_poll_s))
                 waiter.clear()
             wait_first = True
-            outcome = await run_in_threadpool(read)
-            finished = not isinstance(outcome, Job) or outcome.status in FINAL_JOB_STATUSES
-            if finished or time.monotonic() >= deadline:
-                return outcome
+            notified = waiter.outcome
+            if created is not None and notified and notified.status == JobStatus.SUCCEEDED.value:
+                # The worker committed this success and said so: no need to read it back.
+                notified.apply_to(created)
+                return created
+            job = await run_in_threadpool(read)
+            if job.status in FINAL_JOB_STATUSES or time.monotonic() >= deadline:
+                return job
+
+
+async def _answer(
+    uow: UoW, *, job: Job, store: ArtifactStore, response_format: str, base_url: str
+) -> GenerateOut:
+    """The answer for a succeeded job. Image URLs need neither SQL nor files, so they are built
+    on the event loop; base64 images are read in the thread pool."""
+    if response_format == "url":
+        return generation_answer(
+            uow.session, job=job, store=store, response_format=response_format, base_url=base_url
+        )
+
+    def build() -> GenerateOut:
+        answer = generation_answer(
+            uow.session, job=job, store=store, response_format=response_format, base_url=base_url
+        )
+        uow.session.commit()  # end the read of the image rows
+        return answer
+
+    return await run_in_threadpool(build)
 
 
 @router.post(
@@ -142,26 +151,24 @@ async def generate_route(
             f"over the limit {settings.generate_max_wait_s} (LORASTACK_GENERATE_MAX_WAIT_S)",
             code="limit_exceeded",
         )
-    base_url = str(request.base_url)
-    outcome = await _run(
+    job = await _run(
         request,
         uow,
         tenant_id=caller.tenant_id,
         body=body,
         wait_s=wait_s,
         idempotency_key=idempotency_key,
-        answer=lambda job: generation_answer(
-            uow.session,
+    )
+    if job.status == JobStatus.SUCCEEDED.value:
+        answer = await _answer(
+            uow,
             job=job,
             store=store,
             response_format=body.response_format,
-            base_url=base_url,
-        ),
-    )
-    if not isinstance(outcome, Job):
+            base_url=str(request.base_url),
+        )
         # Already a validated GenerateOut: serialize it once, without FastAPI validating it again.
-        return Response(outcome.model_dump_json(), media_type="application/json")
-    job = outcome
+        return Response(answer.model_dump_json(), media_type="application/json")
     if job.status == JobStatus.FAILED.value:
         raise ServiceError(
             f"generation failed: {job.error_message}",
@@ -220,25 +227,14 @@ async def openai_images_route(
             ),
         }
     )
-    base_url = str(request.base_url)
     try:
-        outcome = await _run(
+        job = await _run(
             request,
             uow,
             tenant_id=caller.tenant_id,
             body=generate,
             wait_s=settings.generate_max_wait_s,
             idempotency_key=None,
-            answer=lambda job: (
-                job,
-                generation_answer(
-                    uow.session,
-                    job=job,
-                    store=store,
-                    response_format=body.response_format,
-                    base_url=base_url,
-                ),
-            ),
         )
     except Unprocessable as exc:
         fields = [e.get("field") for e in exc.extra.get("errors", [])]
@@ -246,19 +242,24 @@ async def openai_images_route(
             # OpenAI clients expect an unknown model to be a 404.
             raise NotFound(f"model {body.model!r}: {exc.detail}", code="model_not_found") from None
         raise
-    if isinstance(outcome, Job):
-        job = outcome
-        if job.status == JobStatus.FAILED.value:
-            raise ServiceError(
-                f"generation failed: {job.error_message}",
-                code=job.error_code or "generation_failed",
-                status=422,
-                extra={"job_id": job.id},
-            )
+    if job.status == JobStatus.FAILED.value:
+        raise ServiceError(
+            f"generation failed: {job.error_message}",
+            code=job.error_code or "generation_failed",
+            status=422,
+            extra={"job_id": job.id},
+        )
+    if job.status != JobStatus.SUCCEEDED.value:
         raise ServiceUnavailable(
             "generation did not finish in time", code="generation_timeout", extra={"job_id": job.id}
         )
-    job, answer = outcome
+    answer = await _answer(
+        uow,
+        job=job,
+        store=store,
+        response_format=body.response_format,
+        base_url=str(request.base_url),
+    )
     created = int(job.finished_at.timestamp()) if job.finished_at else int(time.time())
     return OpenAIImagesResponse(
         created=created,

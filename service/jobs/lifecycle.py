@@ -6,14 +6,16 @@ message) can never both run a job, and a terminal state is never left.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Executable, Table, func, insert, select, update
+from sqlalchemy import CursorResult, Executable, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.elements import BindParameter
 
 from service.db import new_id, utcnow
 from service.models import FINAL_JOB_STATUSES, Job, JobEvent, JobStatus
@@ -80,10 +82,12 @@ def add_event(
 
 
 # Leases and finishes are on every generation request's path, so they are Core statements on
-# the tables: the ORM's bulk UPDATE ... RETURNING and unit-of-work flush added about half again
-# to each of these transactions (docs/benchmarks.md, service overhead).
+# the tables, built once with bound parameters: building a statement and its cache key per call,
+# or the ORM's bulk UPDATE ... RETURNING and unit-of-work flush, cost more than the SQL itself
+# here (docs/benchmarks.md, service overhead).
 JOB_TABLE = cast(Table, Job.__table__)
 EVENT_TABLE = cast(Table, JobEvent.__table__)
+_job = JOB_TABLE.c
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,22 @@ class LeasedJob:
     started_at: datetime
 
 
-_LEASED_COLUMNS = [JOB_TABLE.c[f.name] for f in fields(LeasedJob)]
+_now = bindparam("now", type_=_job.heartbeat_at.type)  # typed: it also stands in coalesce()
+_LEASE = (
+    update(JOB_TABLE)
+    .where(_job.status == JobStatus.QUEUED.value, _job.id.in_(bindparam("job_ids", expanding=True)))
+    .values(
+        status=JobStatus.RUNNING.value,
+        lease_owner=bindparam("owner"),
+        lease_expires_at=bindparam("lease_expires_at"),
+        heartbeat_at=_now,
+        attempts=_job.attempts + 1,
+        started_at=func.coalesce(_job.started_at, _now),
+        event_seq=_job.event_seq + 1,
+    )
+    .returning(*(_job[f.name] for f in fields(LeasedJob)), _job.event_seq)
+)
+_INSERT_EVENTS = insert(EVENT_TABLE)
 
 
 def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> LeasedJob | None:
@@ -118,18 +137,13 @@ def take_leases(
     claimed (in no particular order), each with its "running" event added."""
     now = utcnow()
     rows = session.execute(
-        update(JOB_TABLE)
-        .where(JOB_TABLE.c.status == JobStatus.QUEUED.value, JOB_TABLE.c.id.in_(job_ids))
-        .values(
-            status=JobStatus.RUNNING.value,
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            heartbeat_at=now,
-            attempts=JOB_TABLE.c.attempts + 1,
-            started_at=func.coalesce(JOB_TABLE.c.started_at, now),
-            event_seq=JOB_TABLE.c.event_seq + 1,
-        )
-        .returning(*_LEASED_COLUMNS, JOB_TABLE.c.event_seq)
+        _LEASE,
+        {
+            "job_ids": list(job_ids),
+            "owner": owner,
+            "lease_expires_at": now + timedelta(seconds=lease_s),
+            "now": now,
+        },
     ).all()
     if not rows:
         return []
@@ -155,7 +169,7 @@ def _insert_state_events(
 ) -> None:
     """State events (job id, reserved seq, data, level) in one INSERT."""
     session.execute(
-        insert(EVENT_TABLE),
+        _INSERT_EVENTS,
         [
             {
                 "job_id": job_id,
@@ -183,6 +197,35 @@ def renew_lease(session: Session, *, job_id: str, owner: str, lease_s: float) ->
     if renewed != 1:
         return None
     return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+@functools.cache
+def _finish_statement(with_result: bool, with_error: bool) -> Executable:
+    """The finishing UPDATE; ``result`` and the error are set only when given, so a column not
+    given keeps SQL NULL rather than JSON null."""
+    extra: dict[str, BindParameter[Any]] = {}
+    if with_result:
+        extra["result"] = bindparam("result")
+    if with_error:
+        extra["error_code"] = bindparam("error_code")
+        extra["error_message"] = bindparam("error_message")
+    return (
+        update(JOB_TABLE)
+        .where(
+            _job.id == bindparam("job_id"),
+            _job.lease_owner == bindparam("owner"),
+            _job.status.in_(RUNNING_STATES),
+        )
+        .values(
+            status=bindparam("status"),
+            finished_at=bindparam("finished_at"),
+            lease_owner=None,
+            lease_expires_at=None,
+            event_seq=_job.event_seq + 1,
+            **extra,
+        )
+        .returning(_job.event_seq)
+    )
 
 
 @dataclass(frozen=True)
@@ -230,26 +273,9 @@ def finish_job(
         error_code=error_code,
         error_message=error_message if error_code is not None else None,
     )
-    values: dict[str, Any] = {
-        "status": status.value,
-        "finished_at": outcome.finished_at,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
-    if result is not None:
-        values["result"] = result
-    if error_code is not None:
-        values["error_code"] = error_code
-        values["error_message"] = error_message
     seq = session.execute(
-        update(JOB_TABLE)
-        .where(
-            JOB_TABLE.c.id == job_id,
-            JOB_TABLE.c.lease_owner == owner,
-            JOB_TABLE.c.status.in_(RUNNING_STATES),
-        )
-        .values(**values, event_seq=JOB_TABLE.c.event_seq + 1)
-        .returning(JOB_TABLE.c.event_seq)
+        _finish_statement(result is not None, error_code is not None),
+        {"job_id": job_id, "owner": owner, **asdict(outcome)},
     ).scalar()
     if seq is None:
         return None
