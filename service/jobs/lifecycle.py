@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Executable, Table, bindparam, func, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql.elements import BindParameter
 
@@ -30,6 +30,17 @@ def _changed(session: Session, statement: Executable) -> int:
 RUNNING_STATES = (JobStatus.RUNNING.value, JobStatus.CANCEL_REQUESTED.value)
 
 
+# Creating, leasing and finishing a job are on every generation request's path, so they are
+# Core statements on the tables, built once and run with bound parameters: building a statement
+# and its cache key per call, or the ORM's unit-of-work flush and bulk UPDATE ... RETURNING,
+# cost more than the SQL itself here (docs/benchmarks.md, service overhead).
+JOB_TABLE = cast(Table, Job.__table__)
+EVENT_TABLE = cast(Table, JobEvent.__table__)
+_job = JOB_TABLE.c
+_INSERT_JOB = insert(JOB_TABLE)
+_INSERT_EVENTS = insert(EVENT_TABLE)
+
+
 def create_job(
     session: Session,
     *,
@@ -43,27 +54,67 @@ def create_job(
     adapter_name: str | None = None,
     job_id: str | None = None,
 ) -> Job:
+    """Insert a queued job and its first event; returns the job, persistent in ``session``.
+
+    Every column is given here, so the rows go in as two Core INSERTs and the instance joins
+    the session as already persistent, with nothing left to load or flush.
+    """
+    now = utcnow()
     job = Job(
         id=job_id or new_id("job"),
         tenant_id=tenant_id,
         kind=kind,
+        status=JobStatus.QUEUED.value,
         queue=queue,
-        params=params or {},
-        max_attempts=max_attempts,
         dataset_id=dataset_id,
         base_model=base_model,
         adapter_name=adapter_name,
-        event_seq=1,  # its first event, added with it: one flush, no sequence UPDATE
+        params=params or {},
+        attempts=0,
+        max_attempts=max_attempts,
+        lease_owner=None,
+        lease_expires_at=None,
+        heartbeat_at=None,
+        progress={},
+        error_code=None,
+        error_message=None,
+        result=None,
+        event_seq=1,  # its first event, inserted with it: no sequence UPDATE
+        created_at=now,
+        queued_at=now,
+        started_at=None,
+        finished_at=None,
+        cancel_requested_at=None,
     )
+    # Columns left out are SQL NULL (a JSON column given None would hold JSON null).
+    values = {c.key: getattr(job, c.key) for c in JOB_TABLE.columns}
+    session.execute(_INSERT_JOB, {k: v for k, v in values.items() if v is not None})
+    _insert_state_events(
+        session, [(job.id, 1, {"status": JobStatus.QUEUED.value}, "info")], now=now
+    )
+    make_transient_to_detached(job)
     session.add(job)
-    session.add(_state_event(job.id, 1, {"status": JobStatus.QUEUED.value}))
-    session.flush()
     return job
 
 
-def _state_event(job_id: str, seq: int, data: dict[str, Any], level: str = "info") -> JobEvent:
-    """A state-change event whose number the caller reserved with the state change itself."""
-    return JobEvent(job_id=job_id, seq=seq, type="state", level=level, data=data)
+def _insert_state_events(
+    session: Session, events: Sequence[tuple[str, int, dict[str, Any], str]], *, now: datetime
+) -> None:
+    """State events (job id, reserved seq, data, level) in one INSERT."""
+    session.execute(
+        _INSERT_EVENTS,
+        [
+            {
+                "job_id": job_id,
+                "seq": seq,
+                "type": "state",
+                "level": level,
+                "data": data,
+                "created_at": now,
+            }
+            for job_id, seq, data, level in events
+        ],
+    )
 
 
 def add_event(
@@ -79,15 +130,6 @@ def add_event(
     session.add(JobEvent(job_id=job_id, seq=seq, type=type, level=level, data=data))
     session.flush()
     return int(seq)
-
-
-# Leases and finishes are on every generation request's path, so they are Core statements on
-# the tables, built once with bound parameters: building a statement and its cache key per call,
-# or the ORM's bulk UPDATE ... RETURNING and unit-of-work flush, cost more than the SQL itself
-# here (docs/benchmarks.md, service overhead).
-JOB_TABLE = cast(Table, Job.__table__)
-EVENT_TABLE = cast(Table, JobEvent.__table__)
-_job = JOB_TABLE.c
 
 
 @dataclass(frozen=True)
@@ -121,7 +163,6 @@ _LEASE = (
     )
     .returning(*(_job[f.name] for f in fields(LeasedJob)), _job.event_seq)
 )
-_INSERT_EVENTS = insert(EVENT_TABLE)
 
 
 def take_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> LeasedJob | None:
@@ -162,26 +203,6 @@ def take_leases(
         now=now,
     )
     return jobs
-
-
-def _insert_state_events(
-    session: Session, events: Sequence[tuple[str, int, dict[str, Any], str]], *, now: datetime
-) -> None:
-    """State events (job id, reserved seq, data, level) in one INSERT."""
-    session.execute(
-        _INSERT_EVENTS,
-        [
-            {
-                "job_id": job_id,
-                "seq": seq,
-                "type": "state",
-                "level": level,
-                "data": data,
-                "created_at": now,
-            }
-            for job_id, seq, data, level in events
-        ],
-    )
 
 
 def renew_lease(session: Session, *, job_id: str, owner: str, lease_s: float) -> str | None:
@@ -273,9 +294,19 @@ def finish_job(
         error_code=error_code,
         error_message=error_message if error_code is not None else None,
     )
+    # Only the statement's own parameters: a key named like a column would be SET as well.
+    params: dict[str, Any] = {
+        "job_id": job_id,
+        "owner": owner,
+        "status": outcome.status,
+        "finished_at": outcome.finished_at,
+    }
+    if result is not None:
+        params["result"] = result
+    if error_code is not None:
+        params |= {"error_code": error_code, "error_message": error_message}
     seq = session.execute(
-        _finish_statement(result is not None, error_code is not None),
-        {"job_id": job_id, "owner": owner, **asdict(outcome)},
+        _finish_statement(result is not None, error_code is not None), params
     ).scalar()
     if seq is None:
         return None

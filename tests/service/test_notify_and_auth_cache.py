@@ -13,11 +13,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from service.app import create_app
-from service.auth import get_or_create_tenant, hash_key
+from service.auth import hash_key
 from service.db import unit_of_work, utcnow
-from service.jobs import lifecycle
 from service.jobs.lifecycle import JobOutcome
-from service.models import ApiKey, Job, JobStatus
+from service.models import ApiKey
 from service.notify import DoneListener, channel, publish_done, wait_for
 from tests.conftest import Stack, new_tenant_headers
 
@@ -105,34 +104,3 @@ def test_a_notification_carries_the_committed_outcome_or_says_only_look(stack: S
             await client.aclose()
 
     asyncio.run(scenario())
-
-
-def test_an_applied_outcome_is_the_committed_row_and_writes_nothing(stack: Stack) -> None:
-    with unit_of_work(stack.session_factory) as session:
-        tenant_id = get_or_create_tenant(session, f"t-{secrets.token_hex(4)}").id
-        job = lifecycle.create_job(session, tenant_id=tenant_id, kind="ping", queue="generate")
-    with unit_of_work(stack.session_factory) as session:
-        assert lifecycle.take_lease(session, job_id=job.id, owner="w", lease_s=60) is not None
-        outcome = lifecycle.finish_job(
-            session,
-            job_id=job.id,
-            owner="w",
-            status=JobStatus.SUCCEEDED,
-            result={"images": [{"id": "img_9", "seed": 3}]},
-        )
-    assert outcome is not None
-    # `job` is as this process created it (queued); the outcome brings it to the committed row.
-    with stack.session_factory() as session:
-        session.add(job)
-        outcome.apply_to(job)
-        assert not session.dirty
-        session.commit()
-    with stack.session_factory() as session:
-        row = session.get_one(Job, job.id)
-        committed = (row.status, row.result, row.finished_at, row.error_code)
-    assert (job.status, job.result, job.finished_at, job.error_code) == committed
-    # Finishing again is refused: the lease is gone.
-    with unit_of_work(stack.session_factory) as session:
-        assert (
-            lifecycle.finish_job(session, job_id=job.id, owner="w", status=JobStatus.FAILED) is None
-        )
