@@ -7,7 +7,8 @@ SQL; a notification without an outcome (or one that can't be read) says only "lo
 
 Workers publish on one channel. Each API process holds a single subscription to it for its
 whole life (:class:`DoneListener`) and wakes the request waiting for that id, so a request
-costs no Redis round trip of its own: no connection, SUBSCRIBE or UNSUBSCRIBE.
+costs no Redis round trip of its own: no connection, SUBSCRIBE or UNSUBSCRIBE. The id comes
+first in each message, so a process decodes only the outcomes of jobs it waits for.
 """
 
 from __future__ import annotations
@@ -35,25 +36,23 @@ def publish_done(
     client: redis.Redis, settings: Settings, job_id: str, outcome: JobOutcome | None = None
 ) -> None:
     """Tell any waiter that ``job_id`` reached a final state, committed as ``outcome``
-    (best effort)."""
-    message = {"job_id": job_id, "outcome": outcome.to_json() if outcome else None}
+    (best effort). The message is the job id, then a space and the outcome as JSON."""
+    message = job_id
+    if outcome is not None:
+        message += " " + json.dumps(outcome.to_json(), separators=(",", ":"))
     with contextlib.suppress(redis.RedisError):
-        client.publish(channel(settings), json.dumps(message, separators=(",", ":")))
+        client.publish(channel(settings), message)
 
 
-def _parse(data: bytes | str) -> tuple[str, JobOutcome | None]:
-    """(job id, outcome) of a notification; a bare job id, or an outcome that can't be read,
-    gives no outcome (the waiter reads SQL)."""
-    text = data.decode() if isinstance(data, bytes) else str(data)
+def _outcome(payload: str) -> JobOutcome | None:
+    """The outcome a message carries; None when it has none or it can't be read (the waiter
+    then reads SQL)."""
+    if not payload:
+        return None
     try:
-        message = json.loads(text)
-        job_id = str(message["job_id"])
+        return JobOutcome.from_json(json.loads(payload))
     except (ValueError, TypeError, KeyError):
-        return text, None
-    try:
-        return job_id, JobOutcome.from_json(message["outcome"])
-    except (ValueError, TypeError, KeyError):
-        return job_id, None
+        return None
 
 
 class Waiter(asyncio.Event):
@@ -113,8 +112,14 @@ class DoneListener:
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
-                    job_id, outcome = _parse(message["data"])
-                    for waiter in self._waiters.get(job_id, ()):
+                    data = message["data"]
+                    text = data.decode() if isinstance(data, bytes) else str(data)
+                    job_id, _, payload = text.partition(" ")
+                    waiters = self._waiters.get(job_id)
+                    if not waiters:
+                        continue  # another process's job: its outcome is not decoded here
+                    outcome = _outcome(payload)
+                    for waiter in waiters:
                         waiter.outcome = outcome
                         waiter.set()
             except (redis.RedisError, OSError) as exc:

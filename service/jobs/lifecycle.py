@@ -86,6 +86,7 @@ def create_job(
         finished_at=None,
         cancel_requested_at=None,
     )
+    session.flush()  # a Core statement doesn't autoflush: rows it refers to go in first
     # Columns left out are SQL NULL (a JSON column given None would hold JSON null).
     values = {c.key: getattr(job, c.key) for c in JOB_TABLE.columns}
     session.execute(_INSERT_JOB, {k: v for k, v in values.items() if v is not None})

@@ -95,7 +95,7 @@ def test_a_notification_carries_the_committed_outcome_or_says_only_look(stack: S
                 assert await wait_for(with_outcome, 5.0) and await wait_for(bare, 5.0)
                 assert with_outcome.outcome == outcome and bare.outcome is None
             # A message that isn't ours to read still wakes its waiter, which then reads SQL.
-            for raw in ("job_x", '{"job_id": "job_x", "outcome": {"status": 1}}'):
+            for raw in ("job_x", "job_x ", "job_x {not json", 'job_x {"status": 1}'):
                 with listener.waiting("job_x") as waiter:
                     sync.publish(channel(settings), raw)
                     assert await wait_for(waiter, 5.0) and waiter.outcome is None
