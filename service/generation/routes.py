@@ -136,7 +136,6 @@ async def _answer(
 async def generate_route(
     body: GenerateRequest,
     request: Request,
-    response: Response,
     uow: UoW,
     caller: Caller,
     settings: AppSettings,
