@@ -67,7 +67,7 @@ async def _run(
             tenant_id=tenant_id,
             scope="POST /generate",
             key=idempotency_key,
-            payload=body.model_dump(mode="json") if idempotency_key else {},
+            payload=body.model_dump(mode="json"),
             create=create,
         )
         if is_new:
@@ -108,23 +108,26 @@ async def _run(
 
 
 async def _answer(
-    uow: UoW, *, job: Job, store: ArtifactStore, response_format: str, base_url: str
+    request: Request, uow: UoW, store: ArtifactStore, *, job: Job, response_format: str
 ) -> GenerateOut:
     """The answer for a succeeded job. Image URLs need neither SQL nor files, so they are built
     on the event loop; base64 images are read in the thread pool."""
-    if response_format == "url":
+    base_url = str(request.base_url)
+
+    def build() -> GenerateOut:
         return generation_answer(
             uow.session, job=job, store=store, response_format=response_format, base_url=base_url
         )
 
-    def build() -> GenerateOut:
-        answer = generation_answer(
-            uow.session, job=job, store=store, response_format=response_format, base_url=base_url
-        )
+    if response_format == "url":
+        return build()
+
+    def build_and_end_read() -> GenerateOut:
+        answer = build()
         uow.session.commit()  # end the read of the image rows
         return answer
 
-    return await run_in_threadpool(build)
+    return await run_in_threadpool(build_and_end_read)
 
 
 @router.post(
@@ -159,13 +162,7 @@ async def generate_route(
         idempotency_key=idempotency_key,
     )
     if job.status == JobStatus.SUCCEEDED.value:
-        answer = await _answer(
-            uow,
-            job=job,
-            store=store,
-            response_format=body.response_format,
-            base_url=str(request.base_url),
-        )
+        answer = await _answer(request, uow, store, job=job, response_format=body.response_format)
         # Already a validated GenerateOut: serialize it once, without FastAPI validating it again.
         return Response(answer.model_dump_json(), media_type="application/json")
     if job.status == JobStatus.FAILED.value:
@@ -252,13 +249,7 @@ async def openai_images_route(
         raise ServiceUnavailable(
             "generation did not finish in time", code="generation_timeout", extra={"job_id": job.id}
         )
-    answer = await _answer(
-        uow,
-        job=job,
-        store=store,
-        response_format=body.response_format,
-        base_url=str(request.base_url),
-    )
+    answer = await _answer(request, uow, store, job=job, response_format=body.response_format)
     created = int(job.finished_at.timestamp()) if job.finished_at else int(time.time())
     return OpenAIImagesResponse(
         created=created,
