@@ -14,9 +14,10 @@ from typing import Any, BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.config import DatasetLimits
 from service.datasets.images import make_thumbnail
 from service.datasets.ingest import ingest_zip
-from service.datasets.limits import DatasetLimits, DatasetRejected, check_upload_size
+from service.datasets.limits import DatasetRejected, check_upload_size
 from service.db import new_id
 from service.deps import UnitOfWork
 from service.idempotency import IdempotentRequest, request_hash

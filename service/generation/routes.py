@@ -30,7 +30,6 @@ from service.problems import (
     Unprocessable,
     field_error,
 )
-from service.queue import GENERATE_QUEUE, TASK_GENERATE
 from service.storage import ArtifactStore
 
 router = APIRouter(tags=["generation"])
@@ -70,11 +69,7 @@ async def _run(
             payload=body.model_dump(mode="json"),
             create=create,
         )
-        if is_new:
-            uow.after_commit(
-                lambda: uow.sender.send(TASK_GENERATE, job_id=job_id, queue=GENERATE_QUEUE)
-            )
-        uow.commit()
+        uow.commit()  # sends the new job's task
         return job_id, made[0] if is_new else None
 
     def read() -> Job:

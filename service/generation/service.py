@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import secrets
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service import lifecycle
 from service.adapters.registry import check_base_model
 from service.adapters.service import resolve_ref
 from service.base_models import local_folder, native_size, resolve_base_model
@@ -21,7 +19,7 @@ from service.generation.schemas import (
     ImageOut,
     ResolvedAdapter,
 )
-from service.jobs import lifecycle
+from service.job_params import AdapterUse, GenerateParams, GenerationSpec
 from service.models import Image, Job, JobKind
 from service.problems import NotFound, ServiceError, field_error
 from service.queue import GENERATE_QUEUE
@@ -72,7 +70,7 @@ def create_generation_job(
     _limit("height", height, settings.generate_max_side, "generate_max_side")
     _limit("width", width * height, settings.generate_max_pixels, "generate_max_pixels")
 
-    adapters: list[dict[str, Any]] = []
+    adapters: list[AdapterUse] = []
     seen: set[str] = set()
     for index, item in enumerate(body.adapters):
         try:
@@ -86,38 +84,28 @@ def create_generation_job(
             )
         seen.add(version.id)
         adapters.append(
-            {
-                "ref": item.ref,
-                "name": adapter.name,
-                "version": version.version,
-                "version_id": version.id,
-                "storage_key": version.storage_key,
-                "sha256": version.sha256,
-                "weight": item.weight,
-            }
+            AdapterUse(
+                ref=item.ref,
+                name=adapter.name,
+                version=version.version,
+                version_id=version.id,
+                storage_key=version.storage_key,
+                sha256=version.sha256,
+                weight=item.weight,
+            )
         )
-    seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-    request = {
-        "prompt": body.prompt,
-        "negative_prompt": body.negative_prompt,
-        "num_inference_steps": body.num_inference_steps,
-        "guidance_scale": body.guidance_scale,
-        "width": width,
-        "height": height,
-        "seed": seed,
-        "num_images": body.num_images,
-        "scheduler": body.scheduler,
-    }
-    # Jobs with equal batch keys can share one pipeline call in the worker.
-    shape = {
-        k: request[k]
-        for k in ("num_inference_steps", "guidance_scale", "width", "height", "scheduler")
-    }
-    batch_key = hashlib.sha256(
-        json.dumps(
-            [base_model, shape, [(a["version_id"], a["weight"]) for a in adapters]], sort_keys=True
-        ).encode()
-    ).hexdigest()[:32]
+    spec = GenerationSpec(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        width=width,
+        height=height,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        num_images=body.num_images,
+        scheduler=body.scheduler,
+    )
+    params = GenerateParams.build(base_model=base_model, request=spec, adapters=adapters)
     return lifecycle.create_job(
         session,
         tenant_id=tenant_id,
@@ -125,7 +113,7 @@ def create_generation_job(
         queue=GENERATE_QUEUE,
         max_attempts=settings.job_max_attempts,
         base_model=base_model,
-        params={"request": request, "adapters": adapters, "batch_key": batch_key},
+        params=params.to_json(),
         job_id=job_id,
     )
 
@@ -152,17 +140,17 @@ def generation_answer(
         else:
             image.url = f"{base_url}images/{entry['id']}"
         images.append(image)
-    params = job.params
+    params = GenerateParams.model_validate(job.params)
     return GenerateOut(
         job_id=job.id,
         status=job.status,
         base_model=job.base_model or "",
         images=images,
         adapters=[
-            ResolvedAdapter(ref=a["ref"], name=a["name"], version=a["version"], weight=a["weight"])
-            for a in params.get("adapters", [])
+            ResolvedAdapter(ref=a.ref, name=a.name, version=a.version, weight=a.weight)
+            for a in params.adapters
         ],
-        seed=params["request"]["seed"],
+        seed=params.request.seed,
         timings=result.get("timings", {}),
     )
 
