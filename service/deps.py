@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import KeyCache, Principal, hash_key, lookup_key
 from service.config import Settings
-from service.problems import Unauthorized
+from service.errors import Unauthorized
 from service.storage import ArtifactStore
 
 

@@ -43,6 +43,16 @@ from service.adapters.schemas import (
 )
 from service.base_models import local_folder, resolve_base_model
 from service.config import Settings
+from service.errors import (
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    ServiceUnavailable,
+    Unprocessable,
+    UnsupportedMediaType,
+    field_error,
+)
 from service.jobs.service import get_job
 from service.jobs.training_schemas import ADAPTER_NAME_PATTERN, Hyperparameters
 from service.models import (
@@ -54,16 +64,6 @@ from service.models import (
     Job,
     JobKind,
     VersionSource,
-)
-from service.problems import (
-    Conflict,
-    NotFound,
-    PayloadTooLarge,
-    ServiceError,
-    ServiceUnavailable,
-    Unprocessable,
-    UnsupportedMediaType,
-    field_error,
 )
 from service.storage import ArtifactStore, StoredObject
 

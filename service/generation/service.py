@@ -13,6 +13,7 @@ from service.adapters.registry import check_base_model
 from service.adapters.service import resolve_ref
 from service.base_models import local_folder, native_size, resolve_base_model
 from service.config import Settings
+from service.errors import NotFound, ServiceError, field_error
 from service.generation.schemas import (
     GenerateOut,
     GenerateRequest,
@@ -21,7 +22,6 @@ from service.generation.schemas import (
 )
 from service.job_params import AdapterUse, GenerateParams, GenerationSpec
 from service.models import Image, Job, JobKind
-from service.problems import NotFound, ServiceError, field_error
 from service.queue import GENERATE_QUEUE
 from service.storage import ArtifactStore
 
@@ -152,6 +152,22 @@ def generation_answer(
         ],
         seed=params.request.seed,
         timings=result.get("timings", {}),
+    )
+
+
+# A failed generation job answers with the status its error code calls for; any other code
+# means the request could not be rendered as asked.
+FAILED_JOB_STATUS: dict[str, int] = {"internal_error": 500}
+
+
+def failed_job_problem(job: Job) -> ServiceError:
+    """The problem+json a route answers for a generation job that failed."""
+    code = job.error_code or "generation_failed"
+    return ServiceError(
+        f"generation failed: {job.error_message}",
+        status=FAILED_JOB_STATUS.get(code, 422),
+        code=code,
+        extra={"job_id": job.id},
     )
 
 

@@ -16,11 +16,11 @@ from service.base_models import linear_module_names, local_folder, missing_targe
 from service.base_models import resolve_base_model as resolve_model
 from service.config import Settings
 from service.datasets.service import get_dataset
+from service.errors import NotFound, ServiceUnavailable, field_error
 from service.fleet import live_workers
 from service.job_params import TrainParams
 from service.jobs.training_schemas import TrainingPlanOut, TrainJobCreate
 from service.models import Adapter, Dataset, Job, JobKind
-from service.problems import NotFound, ServiceUnavailable, field_error
 from service.queue import TRAIN_QUEUE
 
 # The `lorastack plan` command, run through this interpreter: the planner needs torch.

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from service.auth import get_or_create_tenant
 from service.db import new_id, transaction
+from service.errors import Unprocessable
 from service.idempotency import IdempotentRequest, request_hash
 from service.models import Dataset, IdempotencyKey
-from service.problems import Unprocessable
 from tests.conftest import Stack
 
 SCOPE = "POST /things"

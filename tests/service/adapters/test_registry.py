@@ -12,8 +12,8 @@ from sqlalchemy import select
 from service.adapters import registry
 from service.auth import authenticate, create_api_key
 from service.db import transaction
+from service.errors import Unprocessable
 from service.models import Adapter, AdapterAliasEvent, AdapterVersion
-from service.problems import Unprocessable
 from service.storage import StoredObject
 from tests.conftest import Stack
 

@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from service.adapters.service import read_upload, resolve_ref
 from service.auth import authenticate
 from service.db import transaction
+from service.errors import NotFound, PayloadTooLarge, Unprocessable
 from service.models import (
     Adapter,
     AdapterAlias,
@@ -34,7 +35,6 @@ from service.models import (
     JobKind,
     JobStatus,
 )
-from service.problems import NotFound, PayloadTooLarge, Unprocessable
 from tests.conftest import Stack, upload_dataset, wait_for
 from tests.service.adapters.conftest import (
     UNET_ALPHA,
