@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from service import lifecycle
-from service.adapters.registry import publish_version
+from service.registry import publish_version
 from service.adapters.service import canonical_file_bytes
 from service.base_models import local_folder
 from service.db import transaction, utcnow

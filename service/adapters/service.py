@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import __version__ as LORASTACK_VERSION
-from service.adapters import registry
+from service import registry
 from service.adapters.formats import (
     ADAPTER_LIMITS,
     AdapterErrorCode,

@@ -15,9 +15,9 @@ from diffusers import StableDiffusionPipeline
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.adapters.registry import publish_version
 from service.auth import authenticate
 from service.db import transaction
+from service.registry import publish_version
 from tests.conftest import Stack, wait_for
 from tests.service.test_app import assert_problem
 
