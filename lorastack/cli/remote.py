@@ -1,8 +1,8 @@
 """`lorastack` commands that talk to a running server through the Python client.
 
-``register(subparsers)`` adds them to the ``lorastack`` command; ``python -m
-lorastack.cli.remote`` runs them alone. Every command takes ``--url``/``--api-key`` (else
-``LORASTACK_URL``/``LORASTACK_API_KEY``, else what ``lorastack login`` saved) and ``--json``.
+``register(subparsers)`` adds them to the ``lorastack`` command. Every command takes
+``--url``/``--api-key`` (else ``LORASTACK_URL``/``LORASTACK_API_KEY``, else what
+``lorastack login`` saved) and ``--json``.
 
 Exit codes: 0 success; 1 the job failed or was cancelled; 2 usage error; 3 server error or
 server unreachable; 4 the server refused the request (4xx: not found, invalid, conflict);
@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -655,25 +655,3 @@ def register(subparsers: Any) -> None:
         example="lorastack workers --json",
         common=common,
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A parser with the remote commands only (``python -m lorastack.cli.remote``)."""
-    parser = argparse.ArgumentParser(
-        prog="lorastack",
-        description="Train, follow, generate and download against a lorastack server.",
-        epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
-    args.func(args)
-    raise SystemExit(EXIT_OK)
-
-
-if __name__ == "__main__":
-    main()

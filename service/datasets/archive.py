@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from service.datasets.limits import DatasetLimits, DatasetRejected
+from service.config import DatasetLimits
+from service.datasets.limits import DatasetRejected
 
 _READ_CHUNK = 256 * 1024
 _EOCD = struct.Struct("<4s4H2LH")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.config import DatasetLimits
 from service.datasets.archive import ArchiveMember, SafeArchive, open_archive
 from service.datasets.images import (
     IMAGE_LIKE_EXTENSIONS,
@@ -43,7 +44,7 @@ from service.datasets.layouts import (
     parse_metadata,
     parse_sidecar,
 )
-from service.datasets.limits import DatasetLimits, DatasetRejected
+from service.datasets.limits import DatasetRejected
 from service.datasets.preflight import PreflightFindings, build_report
 
 MANIFEST_VERSION = 1

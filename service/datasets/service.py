@@ -14,14 +14,15 @@ from typing import Any, BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.config import DatasetLimits
 from service.datasets.images import make_thumbnail
 from service.datasets.ingest import ingest_zip
-from service.datasets.limits import DatasetLimits, DatasetRejected, check_upload_size
+from service.datasets.limits import DatasetRejected, check_upload_size
 from service.db import new_id
 from service.deps import UnitOfWork
-from service.idempotency import IdempotentRequest, request_hash
+from service.errors import Conflict, NotFound, ServiceError
+from service.idempotency import IdempotentRequest
 from service.models import ACTIVE_JOB_STATUSES, Dataset, DatasetStatus, Job
-from service.problems import Conflict, NotFound, ServiceError
 from service.storage import ArtifactStore
 
 CREATE_SCOPE = "POST /datasets"
@@ -58,16 +59,14 @@ class NewDataset:
     caption: str | None = None
     trigger_word: str | None = None
 
-    def request_hash(self, upload: SpooledUpload) -> str:
+    def idempotency_payload(self, upload: SpooledUpload) -> dict[str, str | None]:
         """What makes two uploads "the same request" for Idempotency-Key."""
-        return request_hash(
-            {
-                "name": self.name,
-                "caption": self.caption,
-                "trigger_word": self.trigger_word,
-                "file_sha256": upload.sha256,
-            }
-        )
+        return {
+            "name": self.name,
+            "caption": self.caption,
+            "trigger_word": self.trigger_word,
+            "file_sha256": upload.sha256,
+        }
 
 
 @dataclass(frozen=True)
@@ -122,15 +121,11 @@ def create_dataset(
     repeat of the same request answers the first dataset and stores nothing.
     """
     session = uow.session
-    idempotent = (
-        IdempotentRequest(
-            tenant_id=tenant_id,
-            scope=CREATE_SCOPE,
-            key=idempotency_key,
-            request_hash=request.request_hash(upload),
-        )
-        if idempotency_key is not None
-        else None
+    idempotent = IdempotentRequest.of(
+        tenant_id=tenant_id,
+        scope=CREATE_SCOPE,
+        key=idempotency_key,
+        payload=request.idempotency_payload(upload),
     )
     if idempotent is not None and (first_id := idempotent.find(session)) is not None:
         return DatasetCreation(_replayed(session, tenant_id=tenant_id, dataset_id=first_id), True)

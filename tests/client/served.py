@@ -45,7 +45,7 @@ def serve(data_dir: Path, model_dir: Path) -> Iterator[Served]:
     log_path = data_dir.parent / f"{data_dir.name}-serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "lorastack.cli", "serve", "--port", str(port)],
             cwd=REPO,
             env=env,
             stdout=log,

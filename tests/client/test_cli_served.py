@@ -45,7 +45,7 @@ def lorastack(
     *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lorastack.cli.remote", *args],
+        [sys.executable, "-m", "lorastack.cli", *args],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -167,7 +167,7 @@ def test_ctrl_c_detaches_then_a_cancelled_job_exits_1(
         )
         assert not isinstance(job, dict)
         follower = subprocess.Popen(
-            [sys.executable, "-m", "lorastack.cli.remote", "jobs", "logs", "-f", job.id],
+            [sys.executable, "-m", "lorastack.cli", "jobs", "logs", "-f", job.id],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

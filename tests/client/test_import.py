@@ -21,3 +21,14 @@ def test_import_lorastack_loads_no_torch_and_no_server_code() -> None:
     assert {"httpx", "pydantic", "lorastack"} <= loaded
     heavy = {"torch", "diffusers", "peft", "fastapi", "sqlalchemy", "celery", "service", "workers"}
     assert loaded & heavy == set()
+
+
+def test_client_package_imports_no_server_engine_or_web_code() -> None:
+    """Read from the source, lazy imports included: the client is HTTP + pydantic only."""
+    from tests.test_layers import GRAPH
+
+    forbidden = {"service", "workers", "lorafile", "torch", "fastapi", "sqlalchemy", "celery"}
+    for module, imports in GRAPH.items():
+        if module == "lorastack.client" or module.startswith("lorastack.client."):
+            bad = {i for i in imports if i.split(".")[0] in forbidden | {"rich"}}
+            assert not bad, f"{module} imports {sorted(bad)}"
