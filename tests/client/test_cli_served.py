@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 
 from lorastack import Client
+from lorastack.client import models
 from tests.client.served import Served, dataset_folder, serve
 from tests.conftest import wait_for
 
@@ -165,7 +169,7 @@ def test_ctrl_c_detaches_then_a_cancelled_job_exits_1(
         job = client.jobs.create(
             dataset.id, "long", hyperparameters={"max_steps": 100000, "resolution": 32, "rank": 4}
         )
-        assert not isinstance(job, dict)
+        assert isinstance(job, models.Job)
         follower = subprocess.Popen(
             [sys.executable, "-m", "lorastack.cli", "jobs", "logs", "-f", job.id],
             env=env,
@@ -189,3 +193,49 @@ def test_ctrl_c_detaches_then_a_cancelled_job_exits_1(
     follow_again = lorastack("jobs", "logs", "-f", job.id, "--json", env=env)
     assert follow_again.returncode == 1
     assert json.loads(follow_again.stdout)["status"] == "cancelled"
+
+
+def test_on_a_terminal_a_live_bar_and_ctrl_c_offers_to_cancel(
+    env: dict[str, str], served: Served, tmp_path: Path
+) -> None:
+    with Client(served.url, served.api_key) as client:
+        dataset = client.datasets.upload(dataset_folder(tmp_path / "tty"), name="tty")
+        job = client.jobs.create(
+            dataset.id, "tty", hyperparameters={"max_steps": 100000, "resolution": 32, "rank": 4}
+        )
+        assert isinstance(job, models.Job)
+        master, slave = pty.openpty()
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "lorastack.cli", "jobs", "logs", "-f", job.id],
+            env={**env, "TERM": "xterm", "COLUMNS": "160"},
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+        )
+        os.close(slave)
+        screen = b""
+
+        def read_until(*needles: bytes, timeout: float = 120) -> None:
+            nonlocal screen
+            deadline = time.monotonic() + timeout
+            while not all(n in screen for n in needles):
+                assert time.monotonic() < deadline, screen[-2000:]
+                ready, _, _ = select.select([master], [], [], 0.5)
+                if ready:
+                    try:
+                        screen += os.read(master, 65536)
+                    except OSError:  # the child closed the terminal
+                        break
+
+        try:
+            read_until(b"/100000", b"it/s", b"ETA", b"loss")  # the live bar
+            follower.send_signal(signal.SIGINT)
+            read_until(f"cancel job {job.id}?".encode())
+            os.write(master, b"y\n")
+            assert follower.wait(timeout=60) == 1
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+            os.close(master)
+        assert client.jobs.get(job.id).status in {"cancel_requested", "cancelled"}
+        wait_for(lambda: client.jobs.get(job.id).status == "cancelled", timeout=120, what="cancel")
