@@ -88,6 +88,18 @@ def _add(
     return parser
 
 
+def _group(sub: Any, name: str, *, help: str, example: str) -> Any:
+    """A command with subcommands (``lorastack datasets ...``)."""
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=help[:1].upper() + help[1:] + ".",
+        epilog=f"example:\n  {example}\n\n{EXIT_CODES_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+
 def _runner(handler: Handler) -> Callable[[argparse.Namespace], None]:
     """Wrap a handler: make the client, map errors to exit codes, end with SystemExit."""
 
@@ -457,9 +469,12 @@ def register(subparsers: Any) -> None:
     login.add_argument("login_url", metavar="URL", help="the server, e.g. http://host:8000")
     login.set_defaults(func=lambda a: cmd_login(_with(a, url=a.login_url)))
 
-    datasets = subparsers.add_parser(
-        "datasets", help="upload, list, show and delete datasets"
-    ).add_subparsers(dest="datasets_command", required=True, metavar="COMMAND")
+    datasets = _group(
+        subparsers,
+        "datasets",
+        help="upload, list, show and delete datasets",
+        example="lorastack datasets upload ./squares --name squares",
+    )
     p = _add(
         datasets,
         "upload",
@@ -518,8 +533,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan without queuing")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
 
-    jobs = subparsers.add_parser("jobs", help="list, show, follow and cancel jobs").add_subparsers(
-        dest="jobs_command", required=True, metavar="COMMAND"
+    jobs = _group(
+        subparsers,
+        "jobs",
+        help="list, show, follow and cancel jobs",
+        example="lorastack jobs logs -f job_0123",
     )
     p = _add(
         jobs,
@@ -589,9 +607,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--base-model")
     p.add_argument("-o", "--output", required=True, help="where to save the PNG")
 
-    adapters = subparsers.add_parser(
-        "adapters", help="list, show, download, alias and import adapters"
-    ).add_subparsers(dest="adapters_command", required=True, metavar="COMMAND")
+    adapters = _group(
+        subparsers,
+        "adapters",
+        help="list, show, download, alias and import adapters",
+        example="lorastack adapters download squares@prod -o squares.safetensors",
+    )
     p = _add(
         adapters,
         "list",

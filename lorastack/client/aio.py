@@ -74,6 +74,10 @@ class AsyncDatasets:
     async def get(self, dataset_id: str) -> models.Dataset:
         return await self._t.send(calls.get_dataset(dataset_id))
 
+    async def thumbnail(self, dataset_id: str, index: int, *, size: int | None = None) -> bytes:
+        """A JPEG thumbnail of the dataset's image ``index`` (longest side ``size`` pixels)."""
+        return await self._t.send(calls.get_dataset_image(dataset_id, index, size=size))
+
     async def delete(self, dataset_id: str) -> None:
         await self._t.send(calls.delete_dataset(dataset_id))
 
@@ -360,6 +364,10 @@ class AsyncClient:
 
     async def workers(self) -> models.WorkerList:
         return await self._t.send(calls.list_workers())
+
+    async def ping(self, *, queue: str = "generate", wait: float = 10) -> models.Job:
+        """Send a trivial task through the queue to a worker and back; answers the ping job."""
+        return await self._t.send(calls.ping(queue=queue, wait=wait))
 
     async def ready(self) -> dict[str, Any]:
         return await self._t.send(calls.readiness())

@@ -85,6 +85,15 @@ def get_dataset(dataset_id: str) -> Call[models.Dataset]:
     return Call("GET", f"/datasets/{segment(dataset_id)}", model(models.Dataset))
 
 
+def get_dataset_image(dataset_id: str, index: int, *, size: int | None) -> Call[bytes]:
+    return Call(
+        "GET",
+        f"/datasets/{segment(dataset_id)}/images/{int(index)}",
+        lambda response: response.content,
+        params={"size": size} if size is not None else None,
+    )
+
+
 def delete_dataset(dataset_id: str) -> Call[None]:
     return Call("DELETE", f"/datasets/{segment(dataset_id)}", nothing)
 
@@ -300,6 +309,11 @@ def get_image(image_id: str) -> Call[bytes]:
 
 def list_workers() -> Call[models.WorkerList]:
     return Call("GET", "/workers", model(models.WorkerList))
+
+
+def ping(*, queue: str, wait: float) -> Call[models.Job]:
+    """A trivial job through the queue to a worker and back (a retry sends another: harmless)."""
+    return Call("POST", "/ping", model(models.Job), params={"queue": queue, "wait": wait})
 
 
 def readiness() -> Call[dict[str, Any]]:

@@ -69,6 +69,10 @@ class Datasets:
     def get(self, dataset_id: str) -> models.Dataset:
         return self._t.send(calls.get_dataset(dataset_id))
 
+    def thumbnail(self, dataset_id: str, index: int, *, size: int | None = None) -> bytes:
+        """A JPEG thumbnail of the dataset's image ``index`` (longest side ``size`` pixels)."""
+        return self._t.send(calls.get_dataset_image(dataset_id, index, size=size))
+
     def delete(self, dataset_id: str) -> None:
         self._t.send(calls.delete_dataset(dataset_id))
 
@@ -371,6 +375,10 @@ class Client:
     def workers(self) -> models.WorkerList:
         """Live workers: queues, base model, device, current job."""
         return self._t.send(calls.list_workers())
+
+    def ping(self, *, queue: str = "generate", wait: float = 10) -> models.Job:
+        """Send a trivial task through the queue to a worker and back; answers the ping job."""
+        return self._t.send(calls.ping(queue=queue, wait=wait))
 
     def ready(self) -> dict[str, Any]:
         """The server's readiness checks (raises ``ServerError`` when not ready)."""

@@ -156,7 +156,7 @@ def test_exit_codes(env: dict[str, str]) -> None:
     unconfigured = {k: v for k, v in env.items() if not k.startswith("LORASTACK_")}
     nothing = lorastack("workers", env=unconfigured)
     assert nothing.returncode == 2 and "lorastack login" in nothing.stderr
-    for command in (["train", "-h"], ["jobs", "logs", "-h"], ["adapters", "download", "-h"]):
+    for command in (["train", "-h"], ["jobs", "-h"], ["jobs", "logs", "-h"], ["login", "-h"]):
         helped = lorastack(*command, env=env)
         assert helped.returncode == 0 and "example:" in helped.stdout, command
 

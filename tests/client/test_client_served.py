@@ -54,6 +54,7 @@ def test_the_whole_loop_with_the_client(client: Client, tmp_path: Path) -> None:
     assert sent and sent[-1][0] == sent[-1][1] and sent[-1][1] > 0
     assert client.datasets.get(dataset.id).report
     assert dataset.id in [d.id for d in client.datasets.list().data]
+    assert client.datasets.thumbnail(dataset.id, 0, size=16).startswith(b"\xff\xd8")  # JPEG
 
     # 2. train, following the event stream with a progress callback
     job = client.jobs.create(dataset.id, "squares", hyperparameters={**TINY, "checkpoint_every": 5})
@@ -136,6 +137,7 @@ def test_the_whole_loop_with_the_client(client: Client, tmp_path: Path) -> None:
     assert "squares-imported" in [a.name for a in client.adapters.list(prefix="squares").data]
 
     assert client.workers().data
+    assert client.ping(queue="train", wait=30).status == "succeeded"
 
 
 def test_errors_are_exceptions_with_the_problem(client: Client, served: Served) -> None:
