@@ -20,19 +20,24 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service import __version__ as LORASTACK_VERSION
-from service.adapters import registry
-from service.adapters.formats import (
+from lorafile import (
     ADAPTER_LIMITS,
+    STORED_LIMITS,
     AdapterErrorCode,
+    AdapterLintError,
+    BaseModelLayoutError,
     InvalidAdapterFile,
-    SafetensorsLimits,
+    LintReport,
+    canonical_file_bytes,
+    canonicalize,
     read_safetensors,
     read_safetensors_header,
+    rewrite_header,
+    safetensors_bytes,
     to_kohya,
-    write_safetensors,
 )
-from service.adapters.lint import AdapterLintError, BaseModelLayoutError, LintReport, canonicalize
+from service import __version__ as LORASTACK_VERSION
+from service.adapters import registry
 from service.adapters.schemas import (
     AdapterOut,
     AdapterSummaryOut,
@@ -72,10 +77,6 @@ DERIVED_PREFIX: Final = "adapters/derived"
 # The file a training checkpoint folder holds its LoRA weights in (diffusers' default name,
 # written by the worker's trainer; the service does not import the worker package).
 CHECKPOINT_WEIGHTS_NAME: Final = "pytorch_lora_weights.safetensors"
-# Files already in the store were checked on the way in (or written by our trainer): roomy caps.
-_STORED_LIMITS: Final = SafetensorsLimits(
-    max_header_bytes=64 << 20, max_tensors=1 << 20, max_total_bytes=1 << 40
-)
 _NAME_RE: Final = re.compile(ADAPTER_NAME_PATTERN)
 _MAX_VERSION: Final = 2**31 - 1
 _SELECTOR: Final = r"[a-z0-9._-]{1,100}"
@@ -524,7 +525,7 @@ def promote_checkpoint(
             code="checkpoint_not_found",
         )
     try:
-        header = read_safetensors_header(weights, limits=_STORED_LIMITS)
+        header = read_safetensors_header(weights, limits=STORED_LIMITS)
     except InvalidAdapterFile as exc:
         raise Unprocessable(
             f"checkpoint {step} of job {job_id!r} is unreadable: {exc.message}",
@@ -712,55 +713,6 @@ def _lorastack_metadata(adapter: Adapter, version: AdapterVersion) -> dict[str, 
     return metadata
 
 
-def _rewrite_header(source: bytes | Path, extra: dict[str, str] | None = None) -> bytes:
-    """The safetensors file ``source`` with a canonical header, ``extra`` added to its metadata.
-
-    The tensor bytes are copied unchanged (dtypes included). Metadata keys are sorted and the
-    tensors listed by offset: safetensors writes its metadata map in no fixed order, and a
-    content-addressed store wants the same adapter to give the same bytes.
-    """
-    header = read_safetensors_header(source, limits=_STORED_LIMITS)
-    metadata = dict(sorted({**header.metadata, **(extra or {})}.items()))
-    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    for name, info in sorted(header.tensors.items(), key=lambda item: (item[1].begin, item[0])):
-        entries[name] = {
-            "dtype": info.dtype,
-            "shape": list(info.shape),
-            "data_offsets": [info.begin, info.end],
-        }
-    encoded = json.dumps(entries, separators=(",", ":")).encode()
-    # safetensors pads the header with spaces so the data starts 8-byte aligned.
-    encoded += b" " * (-len(encoded) % 8)
-    if isinstance(source, Path):
-        with source.open("rb") as handle:
-            handle.seek(header.data_start)
-            data = handle.read()
-    else:
-        data = source[header.data_start :]
-    return len(encoded).to_bytes(8, "little") + encoded + data
-
-
-def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
-    """``write_safetensors`` with a canonical header: the same adapter gives the same bytes."""
-    return _rewrite_header(write_safetensors(tensors, metadata))
-
-
-def canonical_file_bytes(path: Path, *, base_model_dir: Path, base_model: str) -> bytes:
-    """A trained adapter file in the canonical diffusers form every stored version uses.
-
-    Adapters the canonical form can't express (DoRA) are kept as the trainer wrote them.
-    """
-    try:
-        tensors, metadata, _ = canonicalize(
-            path, base_model_dir=base_model_dir, base_model=base_model, limits=_STORED_LIMITS
-        )
-    except AdapterLintError as exc:
-        if exc.code != "unsupported_adapter":
-            raise
-        return path.read_bytes()
-    return safetensors_bytes(tensors, metadata)
-
-
 def download_file(
     store: ArtifactStore, *, adapter: Adapter, version: AdapterVersion, fmt: DownloadFormat
 ) -> DownloadFile:
@@ -773,7 +725,7 @@ def download_file(
             code="artifact_missing",
         )
     if fmt == "diffusers":
-        metadata = read_safetensors_header(path, limits=_STORED_LIMITS).metadata
+        metadata = read_safetensors_header(path, limits=STORED_LIMITS).metadata
         if "lorastack_version" in metadata:
             return DownloadFile(
                 key=version.storage_key,
@@ -786,14 +738,14 @@ def download_file(
             store,
             kind="diffusers",
             source_sha=version.sha256,
-            build=lambda: _rewrite_header(path, _lorastack_metadata(adapter, version)),
+            build=lambda: rewrite_header(path, _lorastack_metadata(adapter, version)),
         )
     else:
 
         def build_kohya() -> bytes:
             try:
                 tensors, metadata = to_kohya(
-                    read_safetensors(path, limits=_STORED_LIMITS), base_model=adapter.base_model
+                    read_safetensors(path, limits=STORED_LIMITS), base_model=adapter.base_model
                 )
             except InvalidAdapterFile as exc:
                 raise field_error(

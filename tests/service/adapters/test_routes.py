@@ -36,7 +36,7 @@ from service.models import (
 )
 from service.problems import NotFound, PayloadTooLarge, Unprocessable
 from tests.conftest import Stack, upload_dataset, wait_for
-from tests.service.adapters.conftest import (
+from tests.fixtures.lora_sources import (
     UNET_ALPHA,
     UNET_RANK,
     Pipeline,
