@@ -21,6 +21,7 @@ from tests.engine.conftest_inference import (
     single_cpu_thread,
     tiny_pipeline_dir,
 )
+from tests.fixtures.random_lora import RandomLoraSpec, RandomLoraWriter
 from workers.engine.inference import (
     SCHEDULER_NAMES,
     AdapterFormatError,
@@ -29,7 +30,6 @@ from workers.engine.inference import (
     InferenceEngine,
     load_lora_file,
 )
-from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
 
 __all__ = ["fresh_pipeline", "lora_files", "lora_writer", "single_cpu_thread", "tiny_pipeline_dir"]
 

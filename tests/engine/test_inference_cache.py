@@ -15,13 +15,13 @@ from tests.engine.conftest_inference import (
     single_cpu_thread,
     tiny_pipeline_dir,
 )
+from tests.fixtures.random_lora import RandomLoraSpec, RandomLoraWriter
 from workers.engine.inference import (
     DEFAULT_TARGET_MODULES,
     AdapterCache,
     LoraSlotPool,
     load_lora_file,
 )
-from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
 
 __all__ = ["lora_writer", "single_cpu_thread", "tiny_pipeline_dir"]
 
