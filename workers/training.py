@@ -12,8 +12,8 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from lorafile import canonical_file_bytes
 from service.adapters.registry import publish_version
-from service.adapters.service import canonical_file_bytes
 from service.base_models import local_folder
 from service.db import unit_of_work, utcnow
 from service.jobs import lifecycle
