@@ -8,7 +8,7 @@ from pathlib import Path
 # Re-exported: the training-request checks read Linear names next to the other base-model facts.
 from lorafile import linear_module_names as linear_module_names
 from service.config import Settings
-from service.problems import Unprocessable
+from service.errors import Unprocessable
 
 
 def resolve_base_model(settings: Settings, name: str | None) -> tuple[str, str]:

@@ -37,7 +37,7 @@ from lorafile import (
     to_kohya,
 )
 from service import __version__ as LORASTACK_VERSION
-from service.adapters import registry
+from service import registry
 from service.adapters.schemas import (
     AdapterOut,
     AdapterSummaryOut,
@@ -48,6 +48,16 @@ from service.adapters.schemas import (
 )
 from service.base_models import local_folder, resolve_base_model
 from service.config import Settings
+from service.errors import (
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    ServiceUnavailable,
+    Unprocessable,
+    UnsupportedMediaType,
+    field_error,
+)
 from service.jobs.service import get_job
 from service.jobs.training_schemas import ADAPTER_NAME_PATTERN, Hyperparameters
 from service.models import (
@@ -59,16 +69,6 @@ from service.models import (
     Job,
     JobKind,
     VersionSource,
-)
-from service.problems import (
-    Conflict,
-    NotFound,
-    PayloadTooLarge,
-    ServiceError,
-    ServiceUnavailable,
-    Unprocessable,
-    UnsupportedMediaType,
-    field_error,
 )
 from service.storage import ArtifactStore, StoredObject
 
