@@ -15,7 +15,12 @@ from service.config import Settings
 from service.errors import NotFound, Unprocessable
 from service.jobs.service import get_job
 from service.models import Adapter, AdapterVersion, Checkpoint, JobKind, VersionSource
-from service.publishing import StoredFile, discard_on_failure, publish_job_version, store_job_weights
+from service.publishing import (
+    StoredFile,
+    discard_on_failure,
+    publish_job_version,
+    store_job_weights,
+)
 from service.storage import ArtifactStore
 
 # The file a training checkpoint folder holds its LoRA weights in (diffusers' default name,

@@ -11,7 +11,6 @@ from fastapi import APIRouter, File, Form, Path, Query, Request, Response, Uploa
 from fastapi.responses import StreamingResponse
 
 from lorafile import AdapterErrorCode, AdapterLintError
-
 from service import publishing
 from service.adapters import aliases, downloads, imports, promotion, refs, views
 from service.adapters.schemas import (

@@ -39,7 +39,7 @@ from service.models import (
     JobStatus,
 )
 from tests.conftest import Stack, upload_dataset, wait_for
-from tests.service.adapters.conftest import (
+from tests.fixtures.lora_sources import (
     UNET_ALPHA,
     UNET_RANK,
     Pipeline,
