@@ -47,9 +47,10 @@ def confirm(question: str) -> bool:
     """Ask yes/no on the terminal; False (no) when stdin is not one."""
     if not sys.stdin.isatty():
         return False
+    errc.print(question, end="", markup=False)  # stderr: stdout may be --json output
     try:
-        return input(question).strip().lower() in {"y", "yes"}
-    except (EOFError, KeyboardInterrupt):
+        return sys.stdin.readline().strip().lower() in {"y", "yes"}
+    except KeyboardInterrupt:
         return False
 
 
