@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.conftest import REPO, make_pairs_zip, wait_for
 from tests.test_serve import free_port
@@ -64,12 +66,22 @@ def serve(data_dir: Path, model_dir: Path) -> Iterator[Served]:
         key = (data_dir / "api_key").read_text().strip().splitlines()[-1]
         yield Served(url=url, api_key=key, data_dir=data_dir, env=env)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as a user's Ctrl-C; if serve hangs, kill it and its children (its worker runs
+    in a session of its own and would outlive it)."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        proc.kill()
+        proc.wait()
 
 
 def dataset_folder(path: Path, count: int = 4) -> Path:

@@ -3,6 +3,7 @@ output, `--json`, exit codes, login, and Ctrl-C while following a job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -170,61 +171,66 @@ def test_ctrl_c_detaches_off_a_terminal_and_offers_to_cancel_on_one(
             dataset.id, "long", hyperparameters={"max_steps": 100000, "resolution": 32, "rank": 4}
         )
         assert isinstance(job, models.Job)
-
-        # Without a terminal: events as lines; Ctrl-C detaches and the job keeps running.
-        follower = subprocess.Popen(
-            [sys.executable, "-m", "lorastack.cli", "jobs", "logs", "-f", job.id],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert follower.stdout is not None
-        first = follower.stdout.readline()  # the first event: it is following
-        assert "state" in first or "metrics" in first, first
-        follower.send_signal(signal.SIGINT)
-        stdout, stderr = follower.communicate(timeout=60)
-        assert follower.returncode == 130, stdout + stderr
-        assert "detached" in stderr
-        assert client.jobs.get(job.id).status in {"queued", "running"}  # not cancelled
-
-        # On a terminal: the live bar; Ctrl-C asks, and "y" cancels the job.
-        master, slave = pty.openpty()
-        follower = subprocess.Popen(
-            [sys.executable, "-m", "lorastack.cli", "jobs", "logs", "-f", job.id],
-            env={**env, "TERM": "xterm", "COLUMNS": "160"},
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-        )
-        os.close(slave)
-        screen = b""
-
-        def read_until(*needles: bytes, timeout: float = 120) -> None:
-            nonlocal screen
-            deadline = time.monotonic() + timeout
-            while not all(n in screen for n in needles):
-                assert time.monotonic() < deadline, screen[-2000:]
-                ready, _, _ = select.select([master], [], [], 0.5)
-                if ready:
-                    try:
-                        screen += os.read(master, 65536)
-                    except OSError:  # the child closed the terminal
-                        break
-
         try:
-            read_until(b"/100000", b"it/s", b"ETA", b"loss")  # the live bar
+            # Without a terminal: events as lines; Ctrl-C detaches and the job keeps running.
+            follower = subprocess.Popen(
+                [sys.executable, "-m", "lorastack.cli", "jobs", "logs", "-f", job.id],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert follower.stdout is not None
+            first = follower.stdout.readline()  # the first event: it is following
+            assert "state" in first or "metrics" in first, first
             follower.send_signal(signal.SIGINT)
-            read_until(f"cancel job {job.id}?".encode())
-            os.write(master, b"y\n")
-            assert follower.wait(timeout=60) == 1
-        finally:
-            if follower.poll() is None:
-                follower.kill()
-            os.close(master)
-        assert client.jobs.get(job.id).status in {"cancel_requested", "cancelled"}
-        wait_for(lambda: client.jobs.get(job.id).status == "cancelled", timeout=120, what="cancel")
+            stdout, stderr = follower.communicate(timeout=120)
+            assert follower.returncode == 130, stdout + stderr
+            assert "detached" in stderr
+            assert client.jobs.get(job.id).status in {"queued", "running"}  # not cancelled
+
+            # On a terminal: the live bar; Ctrl-C asks, and "y" cancels the job.
+            master, slave = pty.openpty()
+            follower = subprocess.Popen(
+                [sys.executable, "-m", "lorastack.cli", "jobs", "logs", "-f", job.id],
+                env={**env, "TERM": "xterm", "COLUMNS": "160"},
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+            )
+            os.close(slave)
+            screen = b""
+
+            def read_until(*needles: bytes, timeout: float = 300) -> None:
+                nonlocal screen
+                deadline = time.monotonic() + timeout
+                while not all(n in screen for n in needles):
+                    assert time.monotonic() < deadline, screen[-2000:]
+                    ready, _, _ = select.select([master], [], [], 0.5)
+                    if ready:
+                        try:
+                            screen += os.read(master, 65536)
+                        except OSError:  # the child closed the terminal
+                            break
+
+            try:
+                read_until(b"/100000", b"it/s", b"ETA", b"loss")  # the live bar
+                follower.send_signal(signal.SIGINT)
+                read_until(f"cancel job {job.id}?".encode())
+                os.write(master, b"y\n")
+                assert follower.wait(timeout=60) == 1
+            finally:
+                if follower.poll() is None:
+                    follower.kill()
+                os.close(master)
+            assert client.jobs.get(job.id).status in {"cancel_requested", "cancelled"}
+            wait_for(
+                lambda: client.jobs.get(job.id).status == "cancelled", timeout=300, what="cancel"
+            )
+        finally:  # never leave a 100000-step job running for the next test
+            with contextlib.suppress(Exception):
+                client.jobs.cancel(job.id)
 
     again = ok_json("jobs", "cancel", job.id, env=env)  # asking again is harmless
     assert again["status"] == "cancelled"
