@@ -18,11 +18,45 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The trainer's UNet target-module presets and default length, repeated here because the API
+# never imports the engine; tests/workers/test_hyperparameters_agree.py holds them equal.
+TARGET_MODULE_PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
+    "cross-attn-qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+}
+DEFAULT_MAX_STEPS = 1000
+
+
+def unet_targets(target_modules: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """UNet module-name suffixes of a ``target_modules`` setting (a preset name or a list)."""
+    if isinstance(target_modules, str):
+        return TARGET_MODULE_PRESETS[target_modules]
+    return tuple(target_modules)
+
+
 class TrainParams(_Params):
     """A training job: every hyperparameter resolved, and the dataset's content hash."""
 
     hyperparameters: dict[str, Any]
     dataset_sha256: str | None = None
+
+    @property
+    def rank(self) -> int | None:
+        rank = self.hyperparameters.get("rank")
+        return int(rank) if rank is not None else None
+
+    @property
+    def alpha(self) -> float | None:
+        """The LoRA alpha in use: the rank when unset (scale 1)."""
+        alpha = self.hyperparameters.get("alpha") or self.rank
+        return float(alpha) if alpha is not None else None
+
+    @property
+    def unet_targets(self) -> list[str]:
+        try:
+            return list(unet_targets(self.hyperparameters.get("target_modules", "attn")))
+        except (KeyError, TypeError):
+            return []
 
 
 class GenerationSpec(_Params):

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.config import DatasetLimits
 from service.datasets.images import make_thumbnail
-from service.datasets.ingest import ingest_zip
+from service.datasets.ingest import IngestResult, ingest_zip
 from service.datasets.limits import DatasetRejected, check_upload_size
 from service.db import new_id
 from service.deps import UnitOfWork
@@ -145,20 +145,8 @@ def create_dataset(
     except DatasetRejected as exc:
         raise DatasetUploadRejected.from_rejection(exc) from exc
     try:
-        report = result.report
-        dataset = Dataset(
-            id=dataset_id,
-            tenant_id=tenant_id,
-            name=request.name,
-            status=DatasetStatus.READY.value,
-            sha256=result.sha256,
-            image_count=report["counts"]["images"],
-            caption_count=report["captions"]["count"],
-            pair_count=result.item_count,
-            total_bytes=result.total_bytes,
-            layout=report["layout"],
-            report=report,
-            storage_key=storage_key,
+        dataset = _dataset_row(
+            result, dataset_id=dataset_id, tenant_id=tenant_id, name=request.name
         )
         session.add(dataset)
         session.flush()
@@ -174,6 +162,24 @@ def create_dataset(
         store.delete(storage_key)
         raise
     return DatasetCreation(dataset, False)
+
+
+def _dataset_row(result: IngestResult, *, dataset_id: str, tenant_id: str, name: str) -> Dataset:
+    report = result.report
+    return Dataset(
+        id=dataset_id,
+        tenant_id=tenant_id,
+        name=name,
+        status=DatasetStatus.READY.value,
+        sha256=result.sha256,
+        image_count=report["counts"]["images"],
+        caption_count=report["captions"]["count"],
+        pair_count=result.item_count,
+        total_bytes=result.total_bytes,
+        layout=report["layout"],
+        report=report,
+        storage_key=f"{DATASETS_PREFIX}/{dataset_id}",
+    )
 
 
 def _replayed(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset:

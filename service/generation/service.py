@@ -9,8 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import lifecycle
-from service.adapters.registry import check_base_model
-from service.adapters.service import resolve_ref
+from service.adapters.refs import resolve_ref
 from service.base_models import local_folder, native_size, resolve_base_model
 from service.config import Settings
 from service.errors import NotFound, ServiceError, field_error
@@ -23,16 +22,61 @@ from service.generation.schemas import (
 from service.job_params import AdapterUse, GenerateParams, GenerationSpec
 from service.models import Image, Job, JobKind
 from service.queue import GENERATE_QUEUE
+from service.registry import check_base_model
 from service.storage import ArtifactStore
 
 
-def _limit(field: str, value: float, maximum: float, setting: str) -> None:
+def _limit(settings: Settings, field: str, value: float, setting: str) -> None:
+    maximum = getattr(settings, setting)
     if value > maximum:
         raise field_error(
             field,
             f"{value} is over the limit {maximum} (LORASTACK_{setting.upper()})",
             code="limit_exceeded",
         )
+
+
+def _check_limits(settings: Settings, body: GenerateRequest, *, width: int, height: int) -> None:
+    """422 naming the first field over its configured limit."""
+    _limit(settings, "prompt", len(body.prompt), "generate_max_prompt_chars")
+    if body.negative_prompt:
+        _limit(settings, "negative_prompt", len(body.negative_prompt), "generate_max_prompt_chars")
+    _limit(settings, "num_inference_steps", body.num_inference_steps, "generate_max_steps")
+    _limit(settings, "num_images", body.num_images, "generate_max_images")
+    _limit(settings, "adapters", len(body.adapters), "generate_max_adapters")
+    _limit(settings, "width", width, "generate_max_side")
+    _limit(settings, "height", height, "generate_max_side")
+    _limit(settings, "width", width * height, "generate_max_pixels")
+
+
+def _resolve_adapters(
+    session: Session, *, tenant_id: str, base_model: str, body: GenerateRequest
+) -> list[AdapterUse]:
+    """Each requested ref resolved to the version it names now; 422 naming the bad one."""
+    adapters: list[AdapterUse] = []
+    seen: set[str] = set()
+    for index, item in enumerate(body.adapters):
+        field = f"adapters.{index}.ref"
+        try:
+            adapter, version = resolve_ref(session, tenant_id=tenant_id, ref=item.ref)
+        except ServiceError as exc:
+            raise field_error(field, exc.detail, code=exc.code) from None
+        check_base_model(adapter, base_model, field=field)
+        if version.id in seen:
+            raise field_error(field, f"{item.ref!r} is listed twice", code="duplicate_adapter")
+        seen.add(version.id)
+        adapters.append(
+            AdapterUse(
+                ref=item.ref,
+                name=adapter.name,
+                version=version.version,
+                version_id=version.id,
+                storage_key=version.storage_key,
+                sha256=version.sha256,
+                weight=item.weight,
+            )
+        )
+    return adapters
 
 
 def create_generation_job(
@@ -48,52 +92,8 @@ def create_generation_job(
     folder = local_folder(source)
     side = (native_size(folder) if folder else None) or 512
     width, height = body.width or side, body.height or side
-    _limit(
-        "prompt", len(body.prompt), settings.generate_max_prompt_chars, "generate_max_prompt_chars"
-    )
-    if body.negative_prompt:
-        _limit(
-            "negative_prompt",
-            len(body.negative_prompt),
-            settings.generate_max_prompt_chars,
-            "generate_max_prompt_chars",
-        )
-    _limit(
-        "num_inference_steps",
-        body.num_inference_steps,
-        settings.generate_max_steps,
-        "generate_max_steps",
-    )
-    _limit("num_images", body.num_images, settings.generate_max_images, "generate_max_images")
-    _limit("adapters", len(body.adapters), settings.generate_max_adapters, "generate_max_adapters")
-    _limit("width", width, settings.generate_max_side, "generate_max_side")
-    _limit("height", height, settings.generate_max_side, "generate_max_side")
-    _limit("width", width * height, settings.generate_max_pixels, "generate_max_pixels")
-
-    adapters: list[AdapterUse] = []
-    seen: set[str] = set()
-    for index, item in enumerate(body.adapters):
-        try:
-            adapter, version = resolve_ref(session, tenant_id=tenant_id, ref=item.ref)
-        except ServiceError as exc:
-            raise field_error(f"adapters.{index}.ref", exc.detail, code=exc.code) from None
-        check_base_model(adapter, base_model, field=f"adapters.{index}.ref")
-        if version.id in seen:
-            raise field_error(
-                f"adapters.{index}.ref", f"{item.ref!r} is listed twice", code="duplicate_adapter"
-            )
-        seen.add(version.id)
-        adapters.append(
-            AdapterUse(
-                ref=item.ref,
-                name=adapter.name,
-                version=version.version,
-                version_id=version.id,
-                storage_key=version.storage_key,
-                sha256=version.sha256,
-                weight=item.weight,
-            )
-        )
+    _check_limits(settings, body, width=width, height=height)
+    adapters = _resolve_adapters(session, tenant_id=tenant_id, base_model=base_model, body=body)
     spec = GenerationSpec(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,

@@ -11,7 +11,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import lifecycle
-from service.adapters.registry import check_base_model
 from service.base_models import linear_module_names, local_folder, missing_targets
 from service.base_models import resolve_base_model as resolve_model
 from service.config import Settings
@@ -22,6 +21,7 @@ from service.job_params import TrainParams
 from service.jobs.training_schemas import TrainingPlanOut, TrainJobCreate
 from service.models import Adapter, Dataset, Job, JobKind
 from service.queue import TRAIN_QUEUE
+from service.registry import check_base_model
 
 # The `lorastack plan` command, run through this interpreter: the planner needs torch.
 PLANNER_COMMAND = (sys.executable, "-m", "lorastack.cli", "plan")

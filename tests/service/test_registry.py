@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import select
 
-from service.adapters import registry
+from service import registry
 from service.auth import authenticate, create_api_key
 from service.db import transaction
 from service.errors import Unprocessable
