@@ -154,18 +154,15 @@ export function reportView(report) {
   );
   const histogram = report.resolution?.min_side_histogram;
   if (histogram) section.append(histogramView("Shorter side (px)", histogram));
-  const aspects = report.aspect_ratios?.counts || report.aspect_ratios;
-  if (aspects && typeof aspects === "object") {
-    const buckets = Object.fromEntries(Object.entries(aspects).filter(([, v]) => typeof v === "number" && Number.isInteger(v)));
-    if (Object.keys(buckets).length) section.append(histogramView("Aspect ratios", buckets));
-  }
+  const aspects = report.aspect_ratios?.buckets;
+  if (aspects && Object.keys(aspects).length) section.append(histogramView("Aspect ratios (width:height)", aspects));
   const common = report.resolution?.most_common_sizes;
   if (Array.isArray(common) && common.length) {
     section.append(
       table(
         "Most common sizes",
         ["Size", "Images"],
-        common.map((entry) => (Array.isArray(entry) ? entry.map(String) : [entry.size ?? JSON.stringify(entry), String(entry.count ?? "")])),
+        common.map((entry) => [entry.size, formatNumber(entry.count)]),
       ),
     );
   }
