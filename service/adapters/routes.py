@@ -22,8 +22,8 @@ from service.adapters.schemas import (
     PromotedVersionOut,
 )
 from service.deps import AppSettings, Caller, Paging, Store, UoW
-from service.idempotency import IdempotencyKeyHeader, IdempotentRequest, request_hash
-from service.problems import ServiceError
+from service.errors import ServiceError
+from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader, IdempotentRequest
 
 router = APIRouter(tags=["adapters"])
 
@@ -33,7 +33,6 @@ VersionSelector = Annotated[
 ]
 AliasName = Annotated[str, Path(max_length=100, description="lowercase a-z 0-9 . _ -")]
 IMPORT_SCOPE = "POST /adapters/import"
-REPLAYED_HEADER = "Idempotent-Replayed"
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -225,20 +224,17 @@ def import_adapter_route(
     """Lint a LoRA file against the base model, convert it to the canonical diffusers form and
     publish it as the adapter's next version. The lint report comes back either way."""
     data = service.read_upload(file.file, max_bytes=service.import_upload_cap(settings))
-    keyed: IdempotentRequest | None = None
-    if idempotency_key:
-        keyed = IdempotentRequest(
-            tenant_id=caller.tenant_id,
-            scope=IMPORT_SCOPE,
-            key=idempotency_key,
-            request_hash=request_hash(
-                {
-                    "name": name,
-                    "base_model": base_model,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            ),
-        )
+    keyed = IdempotentRequest.of(
+        tenant_id=caller.tenant_id,
+        scope=IMPORT_SCOPE,
+        key=idempotency_key,
+        payload={
+            "name": name,
+            "base_model": base_model,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+    )
+    if keyed is not None:
         first = keyed.find(uow.session)
         if first is not None:
             response.headers[REPLAYED_HEADER] = "true"
