@@ -179,7 +179,7 @@ def test_sign_in_and_upload_a_dataset(console: Console, screenshots: Path) -> No
         "[...document.querySelectorAll('ul.thumbs img')]"
         ".filter((img) => img.complete && img.naturalWidth > 0).length === 8"
     )
-    page.screenshot(path=screenshots / "dataset.png", full_page=True)
+    page.screenshot(path=screenshots / "console-dataset.png", full_page=True)
 
 
 def test_plan_and_train_then_watch_the_job(console: Console, screenshots: Path) -> None:
@@ -200,7 +200,7 @@ def test_plan_and_train_then_watch_the_job(console: Console, screenshots: Path) 
     plan.wait_for(timeout=180_000)  # the planner is a child process that imports torch
     assert "Trainable parameters" in plan.inner_text()
     assert "Estimated duration" in plan.inner_text()
-    page.screenshot(path=screenshots / "train.png", full_page=True)
+    page.screenshot(path=screenshots / "console-train.png", full_page=True)
 
     page.get_by_role("button", name="Start training").click()
     page.get_by_role("heading", name="Job").wait_for()
@@ -225,7 +225,7 @@ def test_plan_and_train_then_watch_the_job(console: Console, screenshots: Path) 
         "[...document.querySelectorAll('ul.gallery img')]"
         ".some((img) => img.complete && img.naturalWidth > 0)"
     )
-    page.screenshot(path=screenshots / "job.png", full_page=True)
+    page.screenshot(path=screenshots / "console-job.png", full_page=True)
 
 
 def test_find_the_adapter_and_download_both_formats(
@@ -246,7 +246,20 @@ def test_find_the_adapter_and_download_both_formats(
         saved[fmt] = safetensors_keys(target)
     assert saved["diffusers"] and all(not k.startswith("lora_unet_") for k in saved["diffusers"])
     assert saved["kohya"] and all(k.startswith("lora_unet_") for k in saved["kohya"])
-    page.screenshot(path=screenshots / "adapter.png", full_page=True)
+
+    # Point an alias, then import the kohya file back as another adapter and read its lint.
+    page.get_by_label("Alias", exact=True).fill("prod")
+    page.get_by_role("button", name="Point alias").click()
+    page.get_by_role("button", name="Remove prod").wait_for()
+    page.screenshot(path=screenshots / "console-adapter.png", full_page=True)
+    page.get_by_role("navigation").get_by_role("link", name="Adapters").click()
+    importer = page.get_by_role("form", name="Import a LoRA file")
+    importer.get_by_label("File (.safetensors)").set_input_files(tmp_path / "kohya.safetensors")
+    importer.get_by_label("Adapter name").fill("squares-imported")
+    importer.get_by_role("button", name="Import").click()
+    importer.get_by_text("Imported as squares-imported@1.").wait_for()
+    lint = importer.get_by_role("region", name="Lint report")
+    assert "kohya" in lint.inner_text()
 
 
 def test_generate_in_the_playground(console: Console, screenshots: Path) -> None:
@@ -272,14 +285,14 @@ def test_generate_in_the_playground(console: Console, screenshots: Path) -> None
     compare = page.locator("li.compare figcaption").all_inner_texts()
     assert "base model" in compare[0] and "squares@1" in compare[1]
     assert all("seed 7" in caption for caption in compare)
-    page.screenshot(path=screenshots / "playground.png", full_page=True)
+    page.screenshot(path=screenshots / "console-playground.png", full_page=True)
 
 
 def test_workers_page_and_narrow_layout(console: Console, screenshots: Path) -> None:
     page = console.page
     page.get_by_role("navigation").get_by_role("link", name="Workers").click()
     page.get_by_role("table", name="Live workers").wait_for()
-    page.screenshot(path=screenshots / "workers.png", full_page=True)
+    page.screenshot(path=screenshots / "console-workers.png", full_page=True)
     page.set_viewport_size(NARROW)
     for hash_ in ("#/datasets", "#/train", "#/playground", "#/jobs"):
         page.goto(f"{console.served.base}/console{hash_}")
@@ -287,7 +300,7 @@ def test_workers_page_and_narrow_layout(console: Console, screenshots: Path) -> 
         page.wait_for_load_state("networkidle")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{hash_} scrolls sideways by {overflow}px at 390px"
-    page.screenshot(path=screenshots / "jobs-narrow.png", full_page=True)
+    page.screenshot(path=screenshots / "console-jobs-narrow.png", full_page=True)
     page.set_viewport_size(WIDE)
 
 

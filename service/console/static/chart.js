@@ -38,6 +38,11 @@ export function pathData(points) {
     .join(" ");
 }
 
+/** A tick label: at most three significant digits, no exponent for ordinary rates. */
+export function formatTick(value) {
+  return String(Number(value.toPrecision(3)));
+}
+
 function el(name, attrs = {}, text) {
   const node = document.createElementNS(SVG_NS, name);
   for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
@@ -50,11 +55,12 @@ function el(name, attrs = {}, text) {
  * The points are also kept in a data attribute so tests and screen readers can count them.
  */
 export class LineChart {
-  constructor(container, { label, width = 480, height = 200, format = String } = {}) {
+  constructor(container, { label, width = 480, height = 200, format = formatTick } = {}) {
     this.points = [];
+    this.label = label;
     this.width = width;
     this.height = height;
-    this.pad = 36;
+    this.pad = 48;
     this.format = format;
     this.svg = el("svg", {
       viewBox: `0 0 ${width} ${height}`,
@@ -78,7 +84,7 @@ export class LineChart {
 
   draw() {
     const { width, height, pad } = this;
-    this.svg.replaceChildren(this.title);
+    this.svg.replaceChildren(this.title, el("text", { x: pad, y: 16, class: "chart-title" }, this.label));
     this.svg.setAttribute("data-points", this.points.length);
     if (!this.points.length) {
       this.svg.append(el("text", { x: width / 2, y: height / 2, class: "chart-empty" }, "no data yet"));

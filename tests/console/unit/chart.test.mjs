@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { niceTicks, pathData, scalePoints } from "../../../service/console/static/chart.js";
+import { formatTick, niceTicks, pathData, scalePoints } from "../../../service/console/static/chart.js";
 
 test("niceTicks covers the range with round steps", () => {
   assert.deepEqual(niceTicks(0, 0.93, 5), [0, 0.25, 0.5, 0.75, 1]);
@@ -46,4 +46,10 @@ test("pathData starts with a move and rounds to 0.1 px", () => {
     "M1.0 2.0 L3.1 4.1",
   );
   assert.equal(pathData([]), "");
+});
+
+test("formatTick keeps three significant digits without exponents for rates", () => {
+  assert.equal(formatTick(0.0009000000001), "0.0009");
+  assert.equal(formatTick(1.23456), "1.23");
+  assert.equal(formatTick(1200), "1200");
 });

@@ -40,8 +40,8 @@ export async function showJob(page, { signal, args: [id] }) {
   const checkpoints = h("div", {});
   const samples = h("ul", { class: "gallery", "aria-label": "Validation samples" });
   const charts = h("div", { class: "charts" });
-  const loss = new LineChart(charts, { label: "Loss by step", format: formatNumber });
-  const lr = new LineChart(charts, { label: "Learning rate by step", format: formatNumber });
+  const loss = new LineChart(charts, { label: "Loss by step" });
+  const lr = new LineChart(charts, { label: "Learning rate by step" });
   loss.svg.dataset.testid = "loss-chart";
   lr.svg.dataset.testid = "lr-chart";
 
@@ -186,7 +186,7 @@ async function refreshCheckpoints(jobId, container, job) {
 }
 
 async function sampleView(sample) {
-  const figure = h("figure", {});
+  const figure = h("figure", { class: "pair" });
   const pair = await Promise.all(
     [["base", sample.base_image_id], ["LoRA", sample.lora_image_id]].map(async ([label, imageId]) =>
       imageId ? h("img", { src: await imageUrl(`/images/${imageId}`), alt: `${label}: ${sample.prompt}` }) : null,
