@@ -264,6 +264,7 @@ def test_find_the_adapter_and_download_both_formats(
 
 def test_generate_in_the_playground(console: Console, screenshots: Path) -> None:
     page = console.page
+    page.goto(f"{console.served.base}/console#/adapters/squares")
     page.get_by_role("article", name="Version 1").get_by_role(
         "link", name="Use in the playground"
     ).click()
