@@ -13,6 +13,7 @@ from service.adapters.routes import router as adapters_router
 from service.auth import KeyCache
 from service.body_limit import BodyLimitMiddleware
 from service.config import Settings, get_settings
+from service.console.routes import install_console
 from service.datasets.routes import router as datasets_router
 from service.db import make_engine, make_session_factory
 from service.generation.routes import router as generation_router
@@ -55,6 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Train LoRA adapters for Stable Diffusion and serve them over HTTP.",
         lifespan=lifespan,
+        # The reference is served offline by the console package, never from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     install_problem_handlers(app)
     # Inside the error middleware, outside the routes: oversized bodies are refused unread.
@@ -64,4 +68,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(generation_router)
     app.include_router(adapters_router)
+    install_console(app)
     return app
