@@ -193,6 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _print_banner(settings: Settings, *, url: str, key: str) -> None:
     print(f"lorastack serving on {url}", flush=True)
+    print(f"  console:  {url}/console (sign in with the API key below)", flush=True)
     print(f"  database: {_redact(settings.resolved_database_url)}", flush=True)
     print(f"  redis:    {settings.broker_url}", flush=True)
     print(f"  try:      curl -H 'Authorization: Bearer {key}' {url}/readyz", flush=True)
