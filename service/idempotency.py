@@ -24,6 +24,8 @@ from service.models import IdempotencyKey
 from service.problems import Unprocessable
 
 REUSED_CODE = "idempotency_key_reused"
+# Set to "true" on an answer that repeats the first request's result instead of creating.
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 IdempotencyKeyHeader = Annotated[
     str | None,

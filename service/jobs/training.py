@@ -15,7 +15,7 @@ from service.base_models import linear_module_names, local_folder, missing_targe
 from service.base_models import resolve_base_model as resolve_model
 from service.config import Settings
 from service.datasets.service import get_dataset
-from service.health.routes import live_workers
+from service.health.workers import live_workers
 from service.jobs import lifecycle
 from service.jobs.training_schemas import TrainingPlanOut, TrainJobCreate
 from service.models import Adapter, Dataset, Job, JobKind
