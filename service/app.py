@@ -23,7 +23,7 @@ from service.health.routes import router as health_router
 from service.jobs.routes import router as jobs_router
 from service.notify import DoneListener
 from service.problems import install_problem_handlers, install_problem_openapi
-from service.queue import TaskSender, make_celery
+from service.queue import TaskSender, make_celery, send_after_commit
 from service.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        app.state.sender = TaskSender(celery)
+        send_after_commit(app.state.session_factory, app.state.sender)
         app.state.store = ArtifactStore(settings.resolved_artifact_dir)
         sweep_leftovers(app.state.store, started_at=started_at)
-        app.state.sender = TaskSender(celery)
         app.state.key_cache = KeyCache(settings.auth_cache_ttl_s)
         app.state.redis = aioredis.Redis.from_url(settings.redis_client_url)
         app.state.done_listener = DoneListener(app.state.redis, settings)

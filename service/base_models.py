@@ -7,7 +7,7 @@ from pathlib import Path
 
 from service.adapters.formats import read_safetensors_header
 from service.config import Settings
-from service.problems import Unprocessable
+from service.errors import Unprocessable
 
 WEIGHT_FILES = {
     "unet": ("unet/diffusion_pytorch_model.safetensors",),

@@ -1,4 +1,7 @@
-"""RFC 9457 problem details: typed service errors and the one place they become HTTP."""
+"""RFC 9457 problem details: the one place errors become HTTP (``application/problem+json``,
+or the OpenAI error shape under ``/v1/``) and their declaration in the OpenAPI document.
+
+The errors themselves are in ``service.errors``, which imports no web framework."""
 
 from __future__ import annotations
 
@@ -14,76 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
+from service.errors import ServiceError
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 # Routes under this prefix speak the OpenAI API: errors are {"error": {...}} as its SDKs expect.
 OPENAI_PREFIX = "/v1/"
-
-
-class ServiceError(Exception):
-    """A failure the client can act on. Subclasses fix the status and a default code."""
-
-    status: int = 400
-    code: str = "bad_request"
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        code: str | None = None,
-        status: int | None = None,
-        extra: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        if code is not None:
-            self.code = code
-        if status is not None:
-            self.status = status
-        self.extra = extra or {}
-        self.headers = headers or {}
-
-
-class NotFound(ServiceError):
-    status = 404
-    code = "not_found"
-
-
-class Conflict(ServiceError):
-    status = 409
-    code = "conflict"
-
-
-class Unprocessable(ServiceError):
-    status = 422
-    code = "validation_error"
-
-
-def field_error(field: str, message: str, *, code: str = "validation_error") -> Unprocessable:
-    """A 422 naming the offending field, shaped like request validation errors."""
-    return Unprocessable(
-        f"{field}: {message}", code=code, extra={"errors": [{"field": field, "message": message}]}
-    )
-
-
-class Unauthorized(ServiceError):
-    status = 401
-    code = "unauthorized"
-
-
-class PayloadTooLarge(ServiceError):
-    status = 413
-    code = "payload_too_large"
-
-
-class UnsupportedMediaType(ServiceError):
-    status = 415
-    code = "unsupported_media_type"
-
-
-class ServiceUnavailable(ServiceError):
-    status = 503
-    code = "unavailable"
 
 
 class FieldError(BaseModel):

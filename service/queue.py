@@ -1,6 +1,7 @@
-"""Celery configuration shared by the API (which only sends) and the workers.
+"""Celery configuration shared by the API (which only sends) and the workers, and the one
+way a job's task is sent: after the transaction that created (or requeued) the job commits.
 
-The API sends tasks by name with ids only; it never imports the worker code.
+Tasks are sent by name with ids only; neither the API nor the lifecycle imports worker code.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
+from service.models import JobKind
 
 TRAIN_QUEUE = "train"
 GENERATE_QUEUE = "generate"
@@ -19,6 +23,13 @@ QUEUES = (TRAIN_QUEUE, GENERATE_QUEUE)
 TASK_PING = "lorastack.ping"
 TASK_TRAIN = "lorastack.train"
 TASK_GENERATE = "lorastack.generate"
+
+# Which task runs a job of each kind: a new kind is a new entry here.
+TASK_FOR_KIND: dict[str, str] = {
+    JobKind.TRAIN.value: TASK_TRAIN,
+    JobKind.GENERATE.value: TASK_GENERATE,
+    JobKind.PING.value: TASK_PING,
+}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -64,3 +75,27 @@ class TaskSender:
 
     def send(self, task: str, *, job_id: str, queue: str) -> None:
         self.celery.send_task(task, args=[job_id], queue=queue)
+
+
+_PENDING_SENDS = "lorastack.pending_sends"
+
+
+def enqueue_after_commit(session: Session, *, job_id: str, kind: str, queue: str) -> None:
+    """Send the job's task once ``session`` commits; nothing is sent if it rolls back.
+
+    Sending after the commit means a worker never receives an id whose row it cannot see.
+    """
+    session.info.setdefault(_PENDING_SENDS, []).append((TASK_FOR_KIND[kind], job_id, queue))
+
+
+def send_after_commit(factory: sessionmaker[Session], sender: TaskSender) -> None:
+    """Make every session of ``factory`` send the tasks enqueued in it when it commits."""
+
+    @event.listens_for(factory, "after_commit")
+    def _send(session: Session) -> None:
+        for task, job_id, queue in session.info.pop(_PENDING_SENDS, ()):
+            sender.send(task, job_id=job_id, queue=queue)
+
+    @event.listens_for(factory, "after_rollback")
+    def _drop(session: Session) -> None:
+        session.info.pop(_PENDING_SENDS, None)

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
-from service.db import new_id, unit_of_work, utcnow
-from service.jobs import lifecycle
-from service.jobs.lifecycle import LeasedJob
+from service import lifecycle
+from service.db import new_id, transaction, utcnow
+from service.job_params import GenerateParams
+from service.lifecycle import LeasedJob
 from service.models import Image, JobKind, JobStatus
 from service.notify import publish_done
 from service.storage import ArtifactStore
@@ -79,29 +80,27 @@ def get_engine(rt: WorkerRuntime) -> InferenceEngine:
 def _to_request(job: LeasedJob) -> GenerationRequest:
     from workers.engine.inference.generation import AdapterRef, GenerationRequest
 
-    params = job.params["request"]
+    params = GenerateParams.model_validate(job.params)
+    spec = params.request
     return GenerationRequest(
-        prompt=params["prompt"],
-        negative_prompt=params.get("negative_prompt"),
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
         # The cache key is the artifact key: content-addressed, so equal files share an entry.
-        adapters=tuple(
-            AdapterRef(key=a["storage_key"], weight=float(a["weight"]))
-            for a in job.params.get("adapters", [])
-        ),
-        num_inference_steps=params["num_inference_steps"],
-        guidance_scale=params["guidance_scale"],
-        width=params["width"],
-        height=params["height"],
-        seed=params["seed"],
-        num_images=params["num_images"],
-        scheduler=params["scheduler"],
+        adapters=tuple(AdapterRef(key=a.storage_key, weight=a.weight) for a in params.adapters),
+        num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale,
+        width=spec.width,
+        height=spec.height,
+        seed=spec.seed,
+        num_images=spec.num_images,
+        scheduler=spec.scheduler,
     )
 
 
 def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[LeasedJob]:
     """Lease the job and the queued jobs that can share its pipeline call (same base model, the
-    one this worker serves, and same batch key). Their own messages arrive later, find the lease
-    taken and do nothing."""
+    one this worker serves, and same ``job_params.batch_key``). Their own messages arrive later,
+    find the lease taken and do nothing."""
     first = lifecycle.take_lease(
         session, job_id=job_id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
     )
@@ -129,7 +128,7 @@ def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[Lease
 
 def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
     serves = rt.settings.default_base_model
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         batch = _lease_batch(session, rt, job_id)
     if not batch:
         log.info("generate %s: not queued any more (done, batched or cancelled)", job_id)
@@ -173,7 +172,7 @@ def _record(rt: WorkerRuntime, batch: list[LeasedJob], results: list[Any]) -> No
     image_rows: list[dict[str, Any]] = []
     outcomes: dict[str, lifecycle.JobOutcome | None] = {}
     now = utcnow()
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         for job, result in zip(batch, results, strict=True):
             images: list[dict[str, Any]] = []
             for picture, seed in zip(result.images, result.seeds, strict=True):
@@ -223,7 +222,7 @@ def _record(rt: WorkerRuntime, batch: list[LeasedJob], results: list[Any]) -> No
 
 
 def _fail(rt: WorkerRuntime, jobs: list[LeasedJob], code: str, message: str) -> None:
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         outcomes = {
             job.id: lifecycle.finish_job(
                 session,

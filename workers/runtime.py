@@ -1,6 +1,7 @@
 """Per-process worker state: the SQL session factory, the artifact store, the heartbeat.
 
-Built once per worker process (Celery's worker_process_init / worker_init), never per task.
+Built once per worker process, on first use (the solo pool runs every task in the process
+that built it), never per task.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import redis
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import lifecycle
 from service.config import Settings, get_settings
-from service.db import make_engine, make_session_factory, process_id, unit_of_work, utcnow
-from service.jobs import lifecycle
-from service.jobs.lifecycle import LeasedJob
+from service.db import make_engine, make_session_factory, process_id, transaction, utcnow
+from service.lifecycle import LeasedJob
 from service.models import Worker
-from service.queue import QUEUES, TaskSender
+from service.queue import QUEUES, TaskSender, send_after_commit
 from service.storage import ArtifactStore
 
 log = logging.getLogger("lorastack.worker")
@@ -32,7 +33,6 @@ class WorkerRuntime:
     settings: Settings
     session_factory: sessionmaker[Session]
     store: ArtifactStore
-    sender: TaskSender
     worker_id: str = field(default_factory=process_id)
     queues: tuple[str, ...] = QUEUES
     current_job_id: str | None = None
@@ -43,7 +43,7 @@ class WorkerRuntime:
     def register(self) -> None:
         import socket
 
-        with unit_of_work(self.session_factory) as session:
+        with transaction(self.session_factory) as session:
             session.merge(
                 Worker(
                     id=self.worker_id,
@@ -60,7 +60,7 @@ class WorkerRuntime:
     def beat(self) -> None:
         """One heartbeat: refresh our worker row, renew the current job's lease, reap the dead."""
         job_id = self.current_job_id
-        with unit_of_work(self.session_factory) as session:
+        with transaction(self.session_factory) as session:
             session.execute(
                 update(Worker)
                 .where(Worker.id == self.worker_id)
@@ -76,9 +76,8 @@ class WorkerRuntime:
             requeued = lifecycle.reap_stale_jobs(session)
             cutoff = utcnow() - timedelta(seconds=self.settings.worker_stale_s * 10)
             session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff))
-        for job in requeued:
+        for job in requeued:  # sent again by the commit above
             log.warning("requeued job %s after its worker was lost", job.job_id)
-            self.sender.send(_task_for(job.kind), job_id=job.job_id, queue=job.queue)
 
     @functools.cached_property
     def redis(self) -> redis.Redis:
@@ -88,7 +87,7 @@ class WorkerRuntime:
     def lease(self, job_id: str) -> LeasedJob | None:
         """Take the job's lease (returns the job as leased), or None when it is not queued any
         more: a duplicate delivery, a job batched into another, or a cancelled one."""
-        with unit_of_work(self.session_factory) as session:
+        with transaction(self.session_factory) as session:
             return lifecycle.take_lease(
                 session, job_id=job_id, owner=self.worker_id, lease_s=self.settings.job_lease_s
             )
@@ -110,16 +109,10 @@ class WorkerRuntime:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            with unit_of_work(self.session_factory) as session:
+            with transaction(self.session_factory) as session:
                 session.execute(delete(Worker).where(Worker.id == self.worker_id))
         except Exception:
             log.exception("could not deregister worker")
-
-
-def _task_for(kind: str) -> str:
-    from service.queue import TASK_GENERATE, TASK_PING, TASK_TRAIN
-
-    return {"train": TASK_TRAIN, "generate": TASK_GENERATE}.get(kind, TASK_PING)
 
 
 _runtime: WorkerRuntime | None = None
@@ -133,10 +126,11 @@ def get_runtime() -> WorkerRuntime:
 
         settings = get_settings()
         engine = make_engine(settings.resolved_database_url)
+        session_factory = make_session_factory(engine)
+        send_after_commit(session_factory, TaskSender(current_app))
         _runtime = WorkerRuntime(
             settings=settings,
-            session_factory=make_session_factory(engine),
+            session_factory=session_factory,
             store=ArtifactStore(settings.resolved_artifact_dir),
-            sender=TaskSender(current_app),
         )
     return _runtime

@@ -12,13 +12,13 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from service.adapters.registry import publish_version
+from service import lifecycle
 from service.adapters.service import canonical_file_bytes
 from service.base_models import local_folder
-from service.db import unit_of_work, utcnow
-from service.jobs import lifecycle
-from service.jobs.lifecycle import LeasedJob
+from service.db import transaction, utcnow
+from service.lifecycle import LeasedJob
 from service.models import Checkpoint, Dataset, DatasetStatus, Image, Job, JobStatus
+from service.registry import publish_version
 from workers.engine.training.callbacks import (
     CheckpointInfo,
     NullCallbacks,
@@ -80,7 +80,7 @@ class SqlCallbacks(NullCallbacks):
             "samples_per_s": round(progress.samples_per_s, 3),
             "eta_s": round(progress.eta_s, 1),
         }
-        with unit_of_work(self.rt.session_factory) as session:
+        with transaction(self.rt.session_factory) as session:
             if write_progress:
                 self._last_progress = now
                 session.execute(
@@ -94,7 +94,7 @@ class SqlCallbacks(NullCallbacks):
 
     def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:
         key = str(checkpoint.path.relative_to(self.rt.store.root))
-        with unit_of_work(self.rt.session_factory) as session:
+        with transaction(self.rt.session_factory) as session:
             existing = session.scalar(
                 select(Checkpoint).where(
                     Checkpoint.job_id == self.job_id, Checkpoint.step == checkpoint.step
@@ -121,7 +121,7 @@ class SqlCallbacks(NullCallbacks):
             )
 
     def on_validation(self, step: int, images: list[ValidationImage]) -> None:
-        with unit_of_work(self.rt.session_factory) as session:
+        with transaction(self.rt.session_factory) as session:
             for sample in images:
                 ids = {}
                 for which, picture in (("base", sample.base_image), ("lora", sample.lora_image)):
@@ -146,7 +146,7 @@ class SqlCallbacks(NullCallbacks):
                 lifecycle.add_event(session, job_id=self.job_id, type="sample", data=entry)
 
     def on_resumed(self, step: int) -> None:
-        with unit_of_work(self.rt.session_factory) as session:
+        with transaction(self.rt.session_factory) as session:
             lifecycle.add_event(
                 session,
                 job_id=self.job_id,
@@ -213,7 +213,7 @@ def _classify(exc: Exception) -> tuple[str, str]:
 def _finish(
     rt: WorkerRuntime, job_id: str, status: JobStatus, *, error: tuple[str, str] | None = None
 ) -> None:
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         lifecycle.finish_job(
             session,
             job_id=job_id,
@@ -275,7 +275,7 @@ def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
         else result.adapter_path.read_bytes()
     )
     stored = rt.store.put_bytes(data, prefix="adapters", suffix=".safetensors")
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         started = session.scalar(select(Job.started_at).where(Job.id == job.id)) or utcnow()
         duration = (utcnow() - started).total_seconds()
         metrics = {

@@ -22,13 +22,9 @@ from service.adapters.schemas import (
     PromotedVersionOut,
 )
 from service.deps import AppSettings, Caller, Paging, Store, UoW
-from service.idempotency import (
-    REPLAYED_HEADER,
-    IdempotencyKeyHeader,
-    IdempotentRequest,
-    request_hash,
-)
-from service.problems import COMMON_ERRORS, ServiceError, problem_responses
+from service.errors import ServiceError
+from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader, IdempotentRequest
+from service.problems import COMMON_ERRORS, problem_responses
 from service.strict_input import SQL_INT_MAX, StrictInputRoute
 
 # Every adapter route but the list and the import names an adapter (404) or changes one (409).
@@ -244,20 +240,17 @@ def import_adapter_route(
     """Lint a LoRA file against the base model, convert it to the canonical diffusers form and
     publish it as the adapter's next version. The lint report comes back either way."""
     data = service.read_upload(file.file, max_bytes=service.import_upload_cap(settings))
-    keyed: IdempotentRequest | None = None
-    if idempotency_key:
-        keyed = IdempotentRequest(
-            tenant_id=caller.tenant_id,
-            scope=IMPORT_SCOPE,
-            key=idempotency_key,
-            request_hash=request_hash(
-                {
-                    "name": name,
-                    "base_model": base_model,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            ),
-        )
+    keyed = IdempotentRequest.of(
+        tenant_id=caller.tenant_id,
+        scope=IMPORT_SCOPE,
+        key=idempotency_key,
+        payload={
+            "name": name,
+            "base_model": base_model,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+    )
+    if keyed is not None:
         first = keyed.find(uow.session)
         if first is not None:
             response.headers[REPLAYED_HEADER] = "true"

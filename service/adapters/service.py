@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import __version__ as LORASTACK_VERSION
-from service.adapters import registry
+from service import registry
 from service.adapters.formats import (
     ADAPTER_LIMITS,
     AdapterErrorCode,
@@ -43,6 +43,16 @@ from service.adapters.schemas import (
 )
 from service.base_models import local_folder, resolve_base_model
 from service.config import Settings
+from service.errors import (
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    ServiceUnavailable,
+    Unprocessable,
+    UnsupportedMediaType,
+    field_error,
+)
 from service.jobs.service import get_job
 from service.jobs.training_schemas import ADAPTER_NAME_PATTERN, Hyperparameters
 from service.models import (
@@ -54,16 +64,6 @@ from service.models import (
     Job,
     JobKind,
     VersionSource,
-)
-from service.problems import (
-    Conflict,
-    NotFound,
-    PayloadTooLarge,
-    ServiceError,
-    ServiceUnavailable,
-    Unprocessable,
-    UnsupportedMediaType,
-    field_error,
 )
 from service.storage import ArtifactStore, StoredObject
 

@@ -20,8 +20,9 @@ from service.datasets.service import (
     spooled_upload,
 )
 from service.deps import AppSettings, Caller, Paging, Store, UoW
+from service.errors import UnsupportedMediaType
 from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
-from service.problems import COMMON_ERRORS, UnsupportedMediaType, problem_responses
+from service.problems import COMMON_ERRORS, problem_responses
 from service.strict_input import StrictInputRoute
 
 router = APIRouter(

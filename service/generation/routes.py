@@ -11,8 +11,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from service import lifecycle
 from service.db import new_id
 from service.deps import AppSettings, Caller, Store, UoW
+from service.errors import NotFound, ServiceUnavailable, Unprocessable, field_error
 from service.generation.schemas import (
     GenerateOut,
     GenerateRequest,
@@ -20,23 +22,18 @@ from service.generation.schemas import (
     OpenAIImageRequest,
     OpenAIImagesResponse,
 )
-from service.generation.service import create_generation_job, generation_answer, get_image
+from service.generation.service import (
+    create_generation_job,
+    failed_job_problem,
+    generation_answer,
+    get_image,
+)
 from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader, create_once
-from service.jobs.lifecycle import queue_position
 from service.jobs.schemas import JobOut
 from service.jobs.service import get_job
 from service.models import FINAL_JOB_STATUSES, Job, JobStatus
 from service.notify import DoneListener, wait_for
-from service.problems import (
-    COMMON_ERRORS,
-    NotFound,
-    ServiceError,
-    ServiceUnavailable,
-    Unprocessable,
-    field_error,
-    problem_responses,
-)
-from service.queue import GENERATE_QUEUE, TASK_GENERATE
+from service.problems import COMMON_ERRORS, problem_responses
 from service.storage import ArtifactStore
 from service.strict_input import StrictInputRoute
 
@@ -80,11 +77,7 @@ async def _run(
             payload=body.model_dump(mode="json"),
             create=create,
         )
-        if is_new:
-            uow.after_commit(
-                lambda: uow.sender.send(TASK_GENERATE, job_id=job_id, queue=GENERATE_QUEUE)
-            )
-        uow.commit()
+        uow.commit()  # sends the new job's task
         return job_id, made[0] if is_new else None
 
     def read() -> Job:
@@ -180,16 +173,12 @@ async def generate_route(
         # Already a validated GenerateOut: serialize it once, without FastAPI validating it again.
         return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
     if job.status == JobStatus.FAILED.value:
-        raise ServiceError(
-            f"generation failed: {job.error_message}",
-            status=500 if job.error_code == "internal_error" else 422,
-            code=job.error_code or "generation_failed",
-            extra={"job_id": job.id},
-            headers=headers,
-        )
+        problem = failed_job_problem(job)
+        problem.headers.update(headers)
+        raise problem
 
     def unfinished() -> JobOut:
-        out = JobOut.from_row(job, queue_position=queue_position(uow.session, job))
+        out = JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
         uow.session.commit()  # end the read
         return out
 
@@ -274,12 +263,7 @@ async def openai_images_route(
             raise NotFound(f"model {body.model!r}: {exc.detail}", code="model_not_found") from None
         raise
     if job.status == JobStatus.FAILED.value:
-        raise ServiceError(
-            f"generation failed: {job.error_message}",
-            code=job.error_code or "generation_failed",
-            status=422,
-            extra={"job_id": job.id},
-        )
+        raise failed_job_problem(job)
     if job.status != JobStatus.SUCCEEDED.value:
         raise ServiceUnavailable(
             "generation did not finish in time", code="generation_timeout", extra={"job_id": job.id}

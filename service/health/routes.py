@@ -13,7 +13,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.deps import Caller, UoW
-from service.health.workers import WorkerList, live_workers, workers_for_tenant
+from service.fleet import live_workers
+from service.health.workers import WorkerList, workers_for_tenant
 from service.problems import problem_responses
 from service.strict_input import StrictInputRoute
 

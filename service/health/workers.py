@@ -9,7 +9,7 @@ identifies work, only its own: adapters whose files it owns and its own jobs.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.db import utcnow
-from service.models import AdapterVersion, Job, JobStatus, Worker
+from service.fleet import live_workers
+from service.models import AdapterVersion, Job, JobStatus
 
 
 class WorkerOut(BaseModel):
@@ -42,15 +42,6 @@ class WorkerList(BaseModel):
     has_more: bool = False
     queue_lengths: dict[str, int] = Field(
         default_factory=dict, description="queued jobs of every tenant, per queue"
-    )
-
-
-def live_workers(session: Session, settings: Settings) -> list[Worker]:
-    cutoff = utcnow() - timedelta(seconds=settings.worker_stale_s)
-    return list(
-        session.scalars(
-            select(Worker).where(Worker.heartbeat_at >= cutoff).order_by(Worker.id)
-        ).all()
     )
 
 

@@ -23,7 +23,8 @@ from sqlalchemy import func, select
 
 from service.adapters.service import read_upload, resolve_ref
 from service.auth import authenticate
-from service.db import unit_of_work
+from service.db import transaction
+from service.errors import NotFound, PayloadTooLarge, Unprocessable
 from service.models import (
     Adapter,
     AdapterAlias,
@@ -34,7 +35,6 @@ from service.models import (
     JobKind,
     JobStatus,
 )
-from service.problems import NotFound, PayloadTooLarge, Unprocessable
 from tests.conftest import Stack, upload_dataset, wait_for
 from tests.service.adapters.conftest import (
     UNET_ALPHA,
@@ -361,7 +361,7 @@ def test_import_validates_name_and_base_model(
     )
     assert body["errors"][0]["field"] == "base_model"
     imported(client, auth, data, name="on-tiny")
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         adapter = session.scalar(select(Adapter).where(Adapter.name == "on-tiny"))
         assert adapter is not None
         adapter.base_model = "sd15"  # as if it had been made for another base model
@@ -469,7 +469,7 @@ def test_aliases_move_with_history_and_refs_resolve(
         json={"version": prod_moves[0]["from_version"]},
     )
     assert rollback.json()["version"] == 1
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         tenant_id = session.scalar(select(Adapter.tenant_id).where(Adapter.id == adapter["id"]))
         assert tenant_id is not None
         for ref, expected in [("aliased", 3), ("aliased@2", 2), ("aliased@prod", 1)]:
@@ -561,7 +561,7 @@ def test_delete_adapter_waits_for_its_training_job(
     client: TestClient, auth: Headers, source_lora: SourceLora, stack: Stack
 ) -> None:
     imported(client, auth, source_lora.path.read_bytes(), name="doomed")
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         tenant_id = session.scalar(select(Adapter.tenant_id).where(Adapter.name == "doomed"))
         job = Job(
             tenant_id=tenant_id,
@@ -578,7 +578,7 @@ def test_delete_adapter_waits_for_its_training_job(
         client.delete("/adapters/doomed", headers=auth), 409, "adapter_in_training"
     )
     assert conflict["job_id"] == job_id
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         row = session.get(Job, job_id)
         assert row is not None
         row.status = JobStatus.CANCELLED.value

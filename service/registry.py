@@ -12,8 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
+from service.errors import field_error
 from service.models import Adapter, AdapterAlias, AdapterAliasEvent, AdapterVersion
-from service.problems import field_error
 from service.storage import StoredObject
 
 LATEST: Final = "latest"
