@@ -172,12 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 env=child_env(settings),
                 start_new_session=True,  # Ctrl-C reaches us; we stop the worker in order
             )
-        url = f"http://{args.host}:{args.port}"
-        print(f"lorastack serving on {url}", flush=True)
-        print(f"  database: {_redact(settings.resolved_database_url)}", flush=True)
-        print(f"  redis:    {settings.broker_url}", flush=True)
-        print(f"  try:      curl -H 'Authorization: Bearer {key}' {url}/readyz", flush=True)
-        print(f"API key: {key}", flush=True)
+        _print_banner(settings, url=f"http://{args.host}:{args.port}", key=key)
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(settings),
@@ -189,16 +184,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
         server.run()  # returns on SIGINT/SIGTERM after a graceful shutdown
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)  # Celery warm shutdown
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        if worker is not None:
+            _stop_worker(worker)
         if embedded is not None:
             embedded.stop()
         print("lorastack stopped", flush=True)
+
+
+def _print_banner(settings: Settings, *, url: str, key: str) -> None:
+    print(f"lorastack serving on {url}", flush=True)
+    print(f"  database: {_redact(settings.resolved_database_url)}", flush=True)
+    print(f"  redis:    {settings.broker_url}", flush=True)
+    print(f"  try:      curl -H 'Authorization: Bearer {key}' {url}/readyz", flush=True)
+    print(f"API key: {key}", flush=True)
+
+
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)  # Celery warm shutdown
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import lifecycle
-from service.adapters.service import resolve_ref
+from service.adapters.refs import resolve_ref
 from service.base_models import local_folder, native_size, resolve_base_model
 from service.config import Settings
 from service.errors import NotFound, ServiceError, field_error

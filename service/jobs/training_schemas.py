@@ -12,9 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.job_params import DEFAULT_MAX_STEPS, unet_targets
+from service.registry import ADAPTER_NAME_PATTERN
 
 TargetPreset = Literal["attn", "cross-attn-qkv"]
-ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 
 
 class Hyperparameters(BaseModel):

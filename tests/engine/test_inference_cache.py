@@ -15,6 +15,7 @@ from tests.engine.conftest_inference import (
     single_cpu_thread,
     tiny_pipeline_dir,
 )
+from tests.fixtures.random_lora import RandomLoraSpec, RandomLoraWriter
 from workers.engine.inference import (
     DEFAULT_TARGET_MODULES,
     AdapterCache,
@@ -22,7 +23,6 @@ from workers.engine.inference import (
     load_lora_file,
 )
 from workers.engine.inference.cache import CacheSnapshot
-from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
 
 __all__ = ["lora_writer", "single_cpu_thread", "tiny_pipeline_dir"]
 

@@ -452,7 +452,7 @@ def test_start_up_removes_what_dead_processes_left_and_keeps_live_ones(stack: St
 def lora_file(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from diffusers import StableDiffusionPipeline
 
-    from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
+    from tests.fixtures.random_lora import RandomLoraSpec, RandomLoraWriter
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     out = tmp_path_factory.mktemp("hardening-lora") / "a.safetensors"

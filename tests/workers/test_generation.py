@@ -26,7 +26,7 @@ SETTINGS = {"num_inference_steps": 3, "guidance_scale": 5.0, "width": 64, "heigh
 
 @pytest.fixture(scope="module")
 def lora_files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
+    from tests.fixtures.random_lora import RandomLoraSpec, RandomLoraWriter
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     writer = RandomLoraWriter(pipe)

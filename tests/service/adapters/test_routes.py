@@ -21,7 +21,10 @@ from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
 from sqlalchemy import func, select
 
-from service.adapters.service import read_upload, resolve_ref
+from lorafile import AdapterLintError
+from service.adapters.imports import read_upload
+from service.adapters.refs import resolve_ref
+from service.adapters.routes import lint_problem
 from service.auth import authenticate
 from service.db import transaction
 from service.errors import NotFound, PayloadTooLarge, Unprocessable
@@ -36,7 +39,7 @@ from service.models import (
     JobStatus,
 )
 from tests.conftest import Stack, upload_dataset, wait_for
-from tests.service.adapters.conftest import (
+from tests.fixtures.lora_sources import (
     UNET_ALPHA,
     UNET_RANK,
     Pipeline,
@@ -341,10 +344,12 @@ def test_bad_files_are_refused_with_a_report_and_nothing_is_stored(
 
 
 def test_an_oversized_upload_is_refused_while_it_is_read() -> None:
-    with pytest.raises(PayloadTooLarge) as caught:
+    with pytest.raises(AdapterLintError) as caught:
         read_upload(io.BytesIO(bytes(3 << 20)), max_bytes=2 << 20)
-    assert caught.value.code == "too_large"
-    assert caught.value.extra["report"]["errors"]
+    problem = lint_problem(caught.value)
+    assert isinstance(problem, PayloadTooLarge)
+    assert problem.code == "too_large"
+    assert problem.extra["report"]["errors"]
     assert read_upload(io.BytesIO(b"12345"), max_bytes=5) == b"12345"
 
 
