@@ -40,7 +40,7 @@ def serve(
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--no-worker", "--port", str(port)],
+            [sys.executable, "-m", "lorastack.cli", "serve", "--no-worker", "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -41,7 +41,7 @@ def serve(stack: Stack, data_dir: Path, *, log_name: str = "serve.log") -> Serve
     log = data_dir / log_name
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--no-worker", "--port", str(port)],
+            [sys.executable, "-m", "lorastack.cli", "serve", "--no-worker", "--port", str(port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
