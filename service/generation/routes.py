@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from service import lifecycle
 from service.db import new_id
 from service.deps import AppSettings, Caller, Store, UoW
 from service.errors import NotFound, ServiceUnavailable, Unprocessable, field_error
@@ -24,14 +28,18 @@ from service.generation.service import (
     generation_answer,
     get_image,
 )
-from service.idempotency import IdempotencyKeyHeader, create_once
+from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader, create_once
 from service.jobs.schemas import JobOut
 from service.jobs.service import get_job
 from service.models import FINAL_JOB_STATUSES, Job, JobStatus
 from service.notify import DoneListener, wait_for
+from service.problems import COMMON_ERRORS, problem_responses
 from service.storage import ArtifactStore
+from service.strict_input import StrictInputRoute
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(
+    tags=["generation"], route_class=StrictInputRoute, responses=problem_responses(*COMMON_ERRORS)
+)
 
 
 async def _run(
@@ -42,9 +50,10 @@ async def _run(
     body: GenerateRequest,
     wait_s: float,
     idempotency_key: str | None,
-) -> Job:
+) -> tuple[Job, bool]:
     """Create the job, send it, and wait up to ``wait_s`` for it to finish; returns the job as
-    committed then (succeeded, failed, or still queued or running)."""
+    committed then (succeeded, failed, or still queued or running) and whether the request
+    was a replay of an earlier one with the same Idempotency-Key."""
     settings = request.app.state.settings
     listener: DoneListener = request.app.state.done_listener
     new_job_id = new_id("job")
@@ -95,10 +104,10 @@ async def _run(
             if created is not None and notified and notified.status == JobStatus.SUCCEEDED.value:
                 # The worker committed this success and said so: no need to read it back.
                 notified.apply_to(created)
-                return created
+                return created, False
             job = await run_in_threadpool(read)
             if job.status in FINAL_JOB_STATUSES or time.monotonic() >= deadline:
-                return job
+                return job, created is None
 
 
 async def _answer(
@@ -128,7 +137,10 @@ async def _answer(
     "/generate",
     operation_id="generate",
     response_model=GenerateOut,
-    responses={202: {"model": JobOut, "description": "not finished within `wait`: poll the job"}},
+    responses={
+        202: {"model": JobOut, "description": "not finished within `wait`: poll the job"},
+        **problem_responses(404, 429, 503),
+    },
 )
 async def generate_route(
     body: GenerateRequest,
@@ -147,7 +159,7 @@ async def generate_route(
             f"over the limit {settings.generate_max_wait_s} (LORASTACK_GENERATE_MAX_WAIT_S)",
             code="limit_exceeded",
         )
-    job = await _run(
+    job, replayed = await _run(
         request,
         uow,
         tenant_id=caller.tenant_id,
@@ -155,17 +167,43 @@ async def generate_route(
         wait_s=wait_s,
         idempotency_key=idempotency_key,
     )
+    headers = {REPLAYED_HEADER: "true"} if replayed else {}
     if job.status == JobStatus.SUCCEEDED.value:
         answer = await _answer(request, uow, store, job=job, response_format=body.response_format)
         # Already a validated GenerateOut: serialize it once, without FastAPI validating it again.
-        return Response(answer.model_dump_json(), media_type="application/json")
+        return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
     if job.status == JobStatus.FAILED.value:
-        raise failed_job_problem(job)
+        problem = failed_job_problem(job)
+        problem.headers.update(headers)
+        raise problem
+
+    def unfinished() -> JobOut:
+        out = JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
+        uow.session.commit()  # end the read
+        return out
+
+    out = await run_in_threadpool(unfinished)
     return JSONResponse(
-        JobOut.from_row(job).model_dump(mode="json"),
+        out.model_dump(mode="json"),
         status_code=202,
-        headers={"Location": f"/jobs/{job.id}"},
+        headers={"Location": f"/jobs/{job.id}", **headers},
     )
+
+
+# The OpenAI body's names for GenerateRequest's fields, for errors found after translation.
+_OPENAI_FIELDS = {"num_images": "n", "width": "size", "height": "size", "adapters": "model"}
+
+
+def _as_generate_request(fields: dict[str, Any]) -> GenerateRequest:
+    """The generation an OpenAI images request asks for; 422 naming the OpenAI field."""
+    try:
+        return GenerateRequest.model_validate(fields)
+    except ValidationError as exc:
+        errors = [
+            {**err, "loc": ("body", _OPENAI_FIELDS.get(str(err["loc"][0]), err["loc"][0]))}
+            for err in exc.errors()
+        ]
+        raise RequestValidationError(errors) from None
 
 
 @router.post(
@@ -173,6 +211,7 @@ async def generate_route(
     operation_id="openai_images_generations",
     response_model=OpenAIImagesResponse,
     tags=["openai"],
+    responses=problem_responses(*COMMON_ERRORS, 404, 429, 503, openai=True),
 )
 async def openai_images_route(
     body: OpenAIImageRequest,
@@ -183,18 +222,14 @@ async def openai_images_route(
     store: Store,
 ) -> OpenAIImagesResponse:
     """OpenAI-compatible: `model` is an adapter ref (weight 1) or a base model name."""
-    width = height = None
-    if body.size:
-        width, height = (int(v) for v in body.size.split("x"))
-        if width % 8 or height % 8:
-            raise field_error("size", "width and height must be multiples of 8")
+    width, height = body.dimensions()
     adapters = []
     base_model = None
     if body.model and body.model in settings.model_sources:
         base_model = body.model
     elif body.model:
         adapters = [{"ref": body.model, "weight": 1.0}]
-    generate = GenerateRequest.model_validate(
+    generate = _as_generate_request(
         {
             "prompt": body.prompt,
             "negative_prompt": body.negative_prompt,
@@ -213,7 +248,7 @@ async def openai_images_route(
         }
     )
     try:
-        job = await _run(
+        job, _ = await _run(
             request,
             uow,
             tenant_id=caller.tenant_id,
@@ -245,7 +280,7 @@ async def openai_images_route(
     "/images/{image_id}",
     operation_id="get_image",
     response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {"image/png": {}}}, **problem_responses(404)},
 )
 def image_route(image_id: str, uow: UoW, caller: Caller, store: Store) -> FileResponse:
     image = get_image(uow.session, tenant_id=caller.tenant_id, image_id=image_id)
