@@ -395,6 +395,7 @@ class WorkerList(Response):
 
     data: list[WorkerInfo]
     has_more: bool = False
+    queue_lengths: dict[str, int] = {}  # queued jobs of every tenant, per queue
 
 
 ALL_MODELS: tuple[type[Response] | type[Request], ...] = (

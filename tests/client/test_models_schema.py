@@ -59,8 +59,9 @@ def test_model_matches_its_schema_component(model: type[BaseModel]) -> None:
 
 
 def test_every_schema_component_the_client_reads_is_covered() -> None:
-    """Every response and request component of the API has a client model (the validation
-    error shapes, multipart bodies and the OpenAI-compatible route excepted)."""
+    """Every response and request component of the API has a client model (the error shapes,
+    which ``errors.APIError`` reads, multipart bodies and the OpenAI-compatible route
+    excepted)."""
     covered = {m.__schema_name__ for m in models.ALL_MODELS}  # type: ignore[attr-defined]
     not_needed = {
         "HTTPValidationError",
@@ -72,6 +73,10 @@ def test_every_schema_component_the_client_reads_is_covered() -> None:
         "OpenAIImage",
         "OpenAIImageRequest",
         "OpenAIImagesResponse",
+        "OpenAIError",
+        "OpenAIErrorBody",
+        "Problem",
+        "FieldError",
     }
     assert set(SCHEMAS) - not_needed - covered == set()
 
@@ -79,3 +84,28 @@ def test_every_schema_component_the_client_reads_is_covered() -> None:
 def test_job_statuses_match_the_schema_enum() -> None:
     statuses = set(SCHEMAS["JobStatus"]["enum"])
     assert statuses >= models.FINAL_STATUSES
+
+
+def test_api_error_reads_every_problem_member() -> None:
+    """The members a problem always has, and the field errors, are what APIError exposes."""
+    problem = SCHEMAS["Problem"]
+    assert set(problem["required"]) == {"type", "title", "status", "detail", "code"}
+    assert set(SCHEMAS["FieldError"]["required"]) == {"field", "message"}
+    from lorastack.client.errors import APIError
+
+    error = APIError(
+        422,
+        {
+            "type": "https://lorastack.dev/problems/validation_error",
+            "title": "Unprocessable Content",
+            "status": 422,
+            "detail": "rank: too big",
+            "code": "validation_error",
+            "errors": [{"field": "rank", "message": "too big"}],
+        },
+    )
+    assert (error.code, error.detail, error.errors[0].field) == (
+        "validation_error",
+        "rank: too big",
+        "rank",
+    )
