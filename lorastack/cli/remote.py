@@ -14,46 +14,45 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel
-
 from lorastack.cli import display
-from lorastack.client import Client, errors, models
+from lorastack.cli.commands import (
+    PRESETS,
+    cmd_adapters_alias,
+    cmd_adapters_download,
+    cmd_adapters_import,
+    cmd_adapters_list,
+    cmd_adapters_show,
+    cmd_datasets_delete,
+    cmd_datasets_list,
+    cmd_datasets_show,
+    cmd_datasets_upload,
+    cmd_generate,
+    cmd_jobs_cancel,
+    cmd_jobs_list,
+    cmd_jobs_logs,
+    cmd_jobs_show,
+    cmd_train,
+    cmd_workers,
+)
+from lorastack.cli.output import (
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SERVER,
+    EXIT_USAGE,
+    UsageError,
+    emit,
+    fail,
+)
+from lorastack.client import Client, errors
 from lorastack.client.config import save_login
 
-EXIT_OK = 0
-EXIT_JOB_FAILED = 1
-EXIT_USAGE = 2
-EXIT_SERVER = 3
-EXIT_REFUSED = 4
-EXIT_INTERRUPTED = 130
-
-EXIT_CODES_HELP = """exit codes:
-  0    success
-  1    the job failed or was cancelled
-  2    usage error (bad arguments, no server configured)
-  3    server error, or the server could not be reached
-  4    the server refused the request (not found, invalid, conflict)
-  130  interrupted (a followed job keeps running unless you cancelled it)"""
-
-# Hyperparameter starting points (`train --preset`); `-p key=value` overrides any of them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"max_steps": 20, "resolution": 64, "rank": 4, "learning_rate": 1e-3},
-    "quick": {"max_steps": 300, "resolution": 512, "rank": 8, "learning_rate": 1e-4},
-    "standard": {"max_steps": 1500, "resolution": 512, "rank": 16, "learning_rate": 1e-4},
-}
-
 Handler = Callable[[argparse.Namespace, Client], int]
-
-
-class UsageError(Exception):
-    """A command line that can't be run as given (exit 2)."""
-
-
-# -- helpers ----------------------------------------------------------------------------------
 
 
 def _common() -> argparse.ArgumentParser:
@@ -114,10 +113,10 @@ def run_command(handler: Handler, args: argparse.Namespace) -> int:
         with Client(url=args.url, api_key=args.api_key, timeout=args.timeout) as client:
             return handler(args, client)
     except (errors.ConfigurationError, UsageError) as exc:
-        return _fail(args, EXIT_USAGE, str(exc))
+        return fail(args, EXIT_USAGE, str(exc))
     except errors.JobFailed as exc:
         message = str(exc)
-        _emit(args, exc.job, lambda: display.err(message))
+        emit(args, exc.job, lambda: display.err(message))
         return EXIT_JOB_FAILED
     except errors.APIError as exc:
         code = EXIT_SERVER if exc.status >= 500 else EXIT_REFUSED
@@ -130,76 +129,10 @@ def run_command(handler: Handler, args: argparse.Namespace) -> int:
                 display.err(f"  {field_error.field}: {field_error.message}")
         return code
     except errors.LorastackError as exc:
-        return _fail(args, EXIT_SERVER, str(exc))
+        return fail(args, EXIT_SERVER, str(exc))
     except KeyboardInterrupt:
         display.err("interrupted")
         return EXIT_INTERRUPTED
-
-
-def _fail(args: argparse.Namespace, code: int, message: str) -> int:
-    if args.json:
-        print(json.dumps({"error": {"detail": message}}))
-    else:
-        display.err(message)
-    return code
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _emit(args: argparse.Namespace, value: Any, human: Callable[[], None]) -> None:
-    """Print ``value`` as JSON with ``--json``, else the human form."""
-    if args.json:
-        print(json.dumps(_jsonable(value), indent=2))
-    else:
-        human()
-
-
-def _parse_value(text: str) -> Any:
-    """``-p`` values: JSON when they parse as JSON (numbers, booleans, lists), else text."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"-p {pair!r}: expected key=value (e.g. -p rank=8)")
-        params[key.strip()] = _parse_value(value)
-    return params
-
-
-def parse_adapter(text: str) -> tuple[str, float]:
-    """``name``, ``name@ref``, ``name@ref:0.8`` -> (ref, weight)."""
-    ref, sep, weight = text.rpartition(":")
-    if sep:
-        try:
-            return ref, float(weight)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
-def split_ref(text: str) -> tuple[str, str]:
-    """``name@version`` -> (name, version); ``name`` -> (name, "latest")."""
-    name, _, version = text.partition("@")
-    return name, version or "latest"
-
-
-# -- login ------------------------------------------------------------------------------------
 
 
 def cmd_login(args: argparse.Namespace) -> None:
@@ -209,7 +142,7 @@ def cmd_login(args: argparse.Namespace) -> None:
         key = display.ask_secret("API key: ") if sys.stdin.isatty() else sys.stdin.readline()
     key = key.strip()
     if not key:
-        raise SystemExit(_fail(args, EXIT_USAGE, "no API key given"))
+        raise SystemExit(fail(args, EXIT_USAGE, "no API key given"))
     code = run_command(lambda a, c: _check_login(a, c, key), _with(args, api_key=key))
     raise SystemExit(code)
 
@@ -217,7 +150,7 @@ def cmd_login(args: argparse.Namespace) -> None:
 def _check_login(args: argparse.Namespace, client: Client, key: str) -> int:
     client.datasets.list(limit=1)  # proves the URL and the key
     path = save_login(url=client.url, api_key=key)
-    _emit(
+    emit(
         args,
         {"url": client.url, "config": str(path)},
         lambda: print(f"logged in to {client.url} (saved in {path})"),
@@ -229,235 +162,19 @@ def _with(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-# -- datasets ---------------------------------------------------------------------------------
-
-
-def cmd_datasets_upload(args: argparse.Namespace, client: Client) -> int:
-    with display.transfer(f"uploading {args.path}", quiet=args.json) as on_progress:
-        dataset = client.datasets.upload(
-            args.path,
-            name=args.name or Path(args.path).stem,
-            caption=args.caption,
-            trigger_word=args.trigger_word,
-            on_progress=on_progress,
-        )
-    _emit(args, dataset, lambda: display.dataset(dataset))
-    return EXIT_OK
-
-
-def cmd_datasets_list(args: argparse.Namespace, client: Client) -> int:
-    page = client.datasets.list(limit=args.limit)
-    _emit(args, page, lambda: display.datasets(page.data))
-    return EXIT_OK
-
-
-def cmd_datasets_show(args: argparse.Namespace, client: Client) -> int:
-    dataset = client.datasets.get(args.dataset_id)
-    _emit(args, dataset, lambda: display.dataset(dataset))
-    return EXIT_OK
-
-
-def cmd_datasets_delete(args: argparse.Namespace, client: Client) -> int:
-    client.datasets.delete(args.dataset_id)
-    _emit(args, {"deleted": args.dataset_id}, lambda: print(f"deleted {args.dataset_id}"))
-    return EXIT_OK
-
-
-# -- training and jobs ------------------------------------------------------------------------
-
-
-def cmd_train(args: argparse.Namespace, client: Client) -> int:
-    if args.preset and args.preset not in PRESETS:
-        raise UsageError(f"--preset {args.preset}: one of {', '.join(PRESETS)}")
-    hyperparameters = {**PRESETS.get(args.preset or "", {}), **parse_params(args.param)}
-    dataset_id = args.dataset
-    if Path(args.dataset).exists():  # a folder or zip: upload it first
-        with display.transfer(f"uploading {args.dataset}", quiet=args.json) as on_progress:
-            dataset_id = client.datasets.upload(
-                args.dataset, name=args.name, on_progress=on_progress
-            ).id
-    created = client.jobs.create(
-        dataset_id,
-        args.name,
-        base_model=args.base_model,
-        hyperparameters=hyperparameters,
-        dry_run=args.dry_run,
-    )
-    if isinstance(created, models.TrainingPlan) or not args.wait:
-        _emit(args, created, lambda: display.created(created))
-        return EXIT_OK
-    if not args.json:
-        display.err(f"job {created.id} queued; following it (Ctrl-C to detach or cancel)")
-    return _follow(args, client, created.id)
-
-
-def _follow(args: argparse.Namespace, client: Client, job_id: str) -> int:
-    """Follow a job with a progress bar and its events until it ends."""
-    with display.JobView(job_id, quiet=args.json) as view:
-        try:
-            job = client.jobs.wait(
-                job_id,
-                on_progress=view.progress,
-                on_event=view.event,
-                raise_on_failure=False,
-            )
-        except KeyboardInterrupt:
-            view.stop()
-            if display.confirm(f"cancel job {job_id}? [y/N] "):
-                job = client.jobs.cancel(job_id)
-                _emit(args, job, lambda: display.err(f"cancel requested for {job_id}"))
-                return EXIT_JOB_FAILED
-            display.err(f"detached; follow again with: lorastack jobs logs -f {job_id}")
-            return EXIT_INTERRUPTED
-    _emit(args, job, lambda: display.job(job))
-    return EXIT_OK if job.status == "succeeded" else EXIT_JOB_FAILED
-
-
-def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
-    page = client.jobs.list(kind=args.kind, status=args.status, limit=args.limit)
-    _emit(args, page, lambda: display.jobs(page.data))
-    return EXIT_OK
-
-
-def cmd_jobs_show(args: argparse.Namespace, client: Client) -> int:
-    job = client.jobs.get(args.job_id)
-    _emit(args, job, lambda: display.job(job))
-    return EXIT_OK
-
-
-def cmd_jobs_logs(args: argparse.Namespace, client: Client) -> int:
-    if args.follow:
-        return _follow(args, client, args.job_id)
-    events: list[models.JobEvent] = []
-    after = 0
-    while True:
-        page = client.jobs.events(args.job_id, after=after, limit=1000)
-        events.extend(page.data)
-        if not page.has_more or not page.data:
-            break
-        after = page.data[-1].seq
-
-    def human() -> None:
-        for event in events:
-            print(display.event_line(event))
-
-    _emit(args, events, human)
-    return EXIT_OK
-
-
-def cmd_jobs_cancel(args: argparse.Namespace, client: Client) -> int:
-    job = client.jobs.cancel(args.job_id)
-    _emit(args, job, lambda: print(f"{job.id}: {job.status}"))
-    return EXIT_OK
-
-
-# -- generation -------------------------------------------------------------------------------
-
-
-def cmd_generate(args: argparse.Namespace, client: Client) -> int:
-    result = client.generate(
-        args.prompt,
-        adapters=[parse_adapter(a) for a in args.adapter],
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        width=args.width,
-        height=args.height,
-        seed=args.seed,
-        num_images=args.n,
-        base_model=args.base_model,
-    )
-    output = Path(args.output)
-    paths = []
-    for index, image in enumerate(result.images):
-        path = output if len(result.images) == 1 else output.with_stem(f"{output.stem}-{index}")
-        paths.append(image.save(path))
-    summary = {
-        **result.generation.model_dump(mode="json", exclude={"images"}),
-        "images": [
-            {**i.info.model_dump(mode="json", exclude={"b64_json"}), "path": str(p)}
-            for i, p in zip(result.images, paths, strict=True)
-        ],
-    }
-
-    def human() -> None:
-        for image, path in zip(result.images, paths, strict=True):
-            print(f"saved {path} (seed {image.seed})")
-
-    _emit(args, summary, human)
-    return EXIT_OK
-
-
-# -- adapters and workers ---------------------------------------------------------------------
-
-
-def cmd_adapters_list(args: argparse.Namespace, client: Client) -> int:
-    page = client.adapters.list(base_model=args.base_model, prefix=args.prefix, limit=args.limit)
-    _emit(args, page, lambda: display.adapters(page.data))
-    return EXIT_OK
-
-
-def cmd_adapters_show(args: argparse.Namespace, client: Client) -> int:
-    name, version = args.ref.partition("@")[0], args.ref.partition("@")[2]
-    if version:
-        found: Any = client.adapters.version(name, version)
-        _emit(args, found, lambda: display.version(found))
-    else:
-        adapter = client.adapters.get(name)
-        _emit(args, adapter, lambda: display.adapter(adapter))
-    return EXIT_OK
-
-
-def cmd_adapters_download(args: argparse.Namespace, client: Client) -> int:
-    name, version = split_ref(args.ref)
-    with display.transfer(f"downloading {name}@{version}", quiet=args.json) as on_progress:
-        done = client.adapters.download(
-            name, version, format=args.format, path=args.output, on_progress=on_progress
-        )
-    info = {
-        "path": str(done.path),
-        "size": done.size,
-        "sha256": done.sha256,
-        "resumed_from": done.resumed_from,
-    }
-    _emit(args, info, lambda: print(f"saved {done.path} ({done.size} bytes)"))
-    return EXIT_OK
-
-
-def cmd_adapters_alias(args: argparse.Namespace, client: Client) -> int:
-    if args.delete:
-        client.adapters.delete_alias(args.name, args.alias)
-        _emit(args, {"deleted": args.alias}, lambda: print(f"removed {args.name}@{args.alias}"))
-        return EXIT_OK
-    if args.version is None:
-        raise UsageError("give the VERSION the alias points at, or --delete")
-    alias = client.adapters.set_alias(args.name, args.alias, args.version)
-    _emit(
-        args,
-        alias,
-        lambda: print(f"{alias.adapter}@{alias.alias} -> version {alias.version}"),
-    )
-    return EXIT_OK
-
-
-def cmd_adapters_import(args: argparse.Namespace, client: Client) -> int:
-    imported = client.adapters.import_file(args.file, name=args.name, base_model=args.base_model)
-    _emit(args, imported, lambda: display.version(imported))
-    return EXIT_OK
-
-
-def cmd_workers(args: argparse.Namespace, client: Client) -> int:
-    page = client.workers()
-    _emit(args, page, lambda: display.workers(page.data))
-    return EXIT_OK
-
-
-# -- parser -----------------------------------------------------------------------------------
-
-
 def register(subparsers: Any) -> None:
     """Add the remote commands to the ``lorastack`` command's subparsers."""
     common = _common()
+    _register_login(subparsers, common)
+    _register_datasets(subparsers, common)
+    _register_train(subparsers, common)
+    _register_jobs(subparsers, common)
+    _register_generate(subparsers, common)
+    _register_adapters(subparsers, common)
+    _register_workers(subparsers, common)
 
+
+def _register_login(subparsers: Any, common: argparse.ArgumentParser) -> None:
     login = _add(
         subparsers,
         "login",
@@ -469,6 +186,8 @@ def register(subparsers: Any) -> None:
     login.add_argument("login_url", metavar="URL", help="the server, e.g. http://host:8000")
     login.set_defaults(func=lambda a: cmd_login(_with(a, url=a.login_url)))
 
+
+def _register_datasets(subparsers: Any, common: argparse.ArgumentParser) -> None:
     datasets = _group(
         subparsers,
         "datasets",
@@ -510,6 +229,8 @@ def register(subparsers: Any) -> None:
         )
         p.add_argument("dataset_id", metavar="DATASET_ID")
 
+
+def _register_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p = _add(
         subparsers,
         "train",
@@ -533,6 +254,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan without queuing")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
 
+
+def _register_jobs(subparsers: Any, common: argparse.ArgumentParser) -> None:
     jobs = _group(
         subparsers,
         "jobs",
@@ -582,6 +305,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("job_id", metavar="JOB_ID")
 
+
+def _register_generate(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p = _add(
         subparsers,
         "generate",
@@ -607,6 +332,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--base-model")
     p.add_argument("-o", "--output", required=True, help="where to save the PNG")
 
+
+def _register_adapters(subparsers: Any, common: argparse.ArgumentParser) -> None:
     adapters = _group(
         subparsers,
         "adapters",
@@ -668,6 +395,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--base-model", required=True)
 
+
+def _register_workers(subparsers: Any, common: argparse.ArgumentParser) -> None:
     _add(
         subparsers,
         "workers",

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from lorastack.cli import build_parser
-from lorastack.cli.remote import UsageError, parse_adapter, parse_params
+from lorastack.cli.output import UsageError, parse_adapter, parse_params
 
 REMOTE = {"login", "datasets", "train", "jobs", "generate", "adapters", "workers"}
 
