@@ -21,6 +21,7 @@ from service.jobs.routes import router as jobs_router
 from service.notify import DoneListener
 from service.problems import install_problem_handlers
 from service.queue import TaskSender, make_celery
+from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware
 from service.storage import ArtifactStore
 
 
@@ -36,9 +37,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
         app.state.store = ArtifactStore(settings.resolved_artifact_dir)
-        app.state.sender = TaskSender(celery)
+        app.state.sender = TaskSender(celery, publish_timeout_s=settings.dispatch_publish_timeout_s)
         app.state.key_cache = KeyCache(settings.auth_cache_ttl_s)
         app.state.redis = aioredis.Redis.from_url(settings.redis_client_url)
+        app.state.rate_limiter = (
+            RateLimiter(
+                app.state.redis,
+                rate=settings.rate_limit_per_s,
+                burst=settings.rate_limit_burst,
+                key_prefix=settings.redis_key_prefix,
+            )
+            if settings.rate_limit_per_s > 0
+            else None
+        )
         app.state.done_listener = DoneListener(app.state.redis, settings)
         await app.state.done_listener.start()
         try:
@@ -58,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     # Inside the error middleware, outside the routes: oversized bodies are refused unread.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RateLimitHeadersMiddleware)
     app.include_router(health_router)
     app.include_router(jobs_router)
     app.include_router(datasets_router)

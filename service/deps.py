@@ -14,6 +14,7 @@ from service.auth import KeyCache, Principal, hash_key, lookup_key
 from service.config import Settings
 from service.problems import Unauthorized
 from service.queue import TaskSender
+from service.ratelimit import STATE_KEY, RateLimiter
 from service.storage import ArtifactStore
 
 
@@ -86,6 +87,9 @@ async def get_principal(
         if principal is None:
             raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         cache.put(key_hash, principal)
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    if limiter is not None:
+        setattr(request.state, STATE_KEY, await limiter.take(principal.key_id))
     return principal
 
 

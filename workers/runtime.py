@@ -8,19 +8,20 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings, get_settings
 from service.db import make_engine, make_session_factory, process_id, unit_of_work, utcnow
-from service.jobs import lifecycle
+from service.jobs import dispatch, lifecycle
 from service.jobs.lifecycle import LeasedJob
-from service.models import Worker
+from service.models import Job, Worker
 from service.queue import QUEUES, TaskSender
 from service.storage import ArtifactStore
 
@@ -39,6 +40,7 @@ class WorkerRuntime:
     info: dict[str, Any] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _next_dispatch_check: float = 0.0
 
     def register(self) -> None:
         import socket
@@ -78,20 +80,77 @@ class WorkerRuntime:
             session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff))
         for job in requeued:
             log.warning("requeued job %s after its worker was lost", job.job_id)
-            self.sender.send(_task_for(job.kind), job_id=job.job_id, queue=job.queue)
+            self.sender.send_job(job_id=job.job_id, kind=job.kind, queue=job.queue)
+        if time.monotonic() >= self._next_dispatch_check:
+            self._next_dispatch_check = time.monotonic() + self.settings.dispatch_check_s
+            self.resend_lost_messages()
+
+    def resend_lost_messages(self) -> int:
+        """Re-send queued jobs whose message is gone (service/jobs/dispatch.py); returns how
+        many were sent. One worker does it per check interval (a Redis lock), so a fleet of
+        workers doesn't send a surplus each."""
+        lock = f"{self.settings.redis_key_prefix}lorastack:dispatch-check"
+        ttl_ms = max(int(self.settings.dispatch_check_s * 1000) - 50, 1)
+        try:
+            if not self.redis.set(lock, self.worker_id, nx=True, px=ttl_ms):
+                return 0
+            counts = {queue: self.sender.queued_messages(queue) for queue in QUEUES}
+        except Exception as exc:  # Redis down: nothing can be sent now; the next check retries
+            log.warning("dispatch check skipped: %s", exc)
+            return 0
+        with unit_of_work(self.session_factory) as session:
+            lost = [
+                (queue, job_id, kind)
+                for queue, messages in counts.items()
+                for job_id, kind in dispatch.jobs_to_resend(
+                    session,
+                    queue=queue,
+                    messages=messages,
+                    older_than_s=self.settings.dispatch_resend_after_s,
+                )
+            ]
+        for queue, job_id, kind in lost:
+            self.sender.send_job(job_id=job_id, kind=kind, queue=queue)
+        if lost:
+            log.warning("re-sent %d queued job(s) that had no message", len(lost))
+        return len(lost)
 
     @functools.cached_property
     def redis(self) -> redis.Redis:
         """One Redis client (connection pool) per process, for job-done notifications."""
         return redis.Redis.from_url(self.settings.redis_client_url)
 
-    def lease(self, job_id: str) -> LeasedJob | None:
-        """Take the job's lease (returns the job as leased), or None when it is not queued any
-        more: a duplicate delivery, a job batched into another, or a cancelled one."""
-        with unit_of_work(self.session_factory) as session:
-            return lifecycle.take_lease(
+    def lease_fair(
+        self, session: Session, *, kind: str, base_model: str | None, hint_job_id: str
+    ) -> LeasedJob | None:
+        """On a message for ``hint_job_id``, lease the queued job of ``kind`` (and
+        ``base_model``) that is fairest to run next, which may be another one; the message's
+        own job only when no fair pick exists (e.g. it is for a base model this worker does
+        not serve, so that it still gets its answer). None when nothing is queued."""
+        for _ in range(5):  # another worker may lease our pick first: pick again
+            job_id = dispatch.next_fair_job(
+                session,
+                kind=kind,
+                base_model=base_model,
+                max_running=self.settings.tenant_max_running(kind),
+            )
+            if job_id is None:
+                break
+            job = lifecycle.take_lease(
                 session, job_id=job_id, owner=self.worker_id, lease_s=self.settings.job_lease_s
             )
+            if job is not None:
+                return job
+        if base_model is None:
+            return None
+        # The message's job, if it is for a base model this worker doesn't serve (it is leased
+        # to be failed with base_model_unavailable rather than wait for a worker that serves it).
+        hint_model = session.scalar(select(Job.base_model).where(Job.id == hint_job_id))
+        if hint_model is None or hint_model == base_model:
+            return None
+        return lifecycle.take_lease(
+            session, job_id=hint_job_id, owner=self.worker_id, lease_s=self.settings.job_lease_s
+        )
 
     def start_heartbeat(self) -> None:
         self.register()
@@ -114,12 +173,6 @@ class WorkerRuntime:
                 session.execute(delete(Worker).where(Worker.id == self.worker_id))
         except Exception:
             log.exception("could not deregister worker")
-
-
-def _task_for(kind: str) -> str:
-    from service.queue import TASK_GENERATE, TASK_PING, TASK_TRAIN
-
-    return {"train": TASK_TRAIN, "generate": TASK_GENERATE}.get(kind, TASK_PING)
 
 
 _runtime: WorkerRuntime | None = None

@@ -18,7 +18,7 @@ from service.base_models import local_folder
 from service.db import unit_of_work, utcnow
 from service.jobs import lifecycle
 from service.jobs.lifecycle import LeasedJob
-from service.models import Checkpoint, Dataset, DatasetStatus, Image, Job, JobStatus
+from service.models import Checkpoint, Dataset, DatasetStatus, Image, Job, JobKind, JobStatus
 from workers.engine.training.callbacks import (
     CheckpointInfo,
     NullCallbacks,
@@ -166,12 +166,17 @@ class SqlCallbacks(NullCallbacks):
         return bool(row.status == JobStatus.CANCEL_REQUESTED.value)
 
 
-def run_training_job(rt: WorkerRuntime, job_id: str) -> None:
-    """Lease the job, train (resuming from its last checkpoint), publish, record the outcome."""
-    job = rt.lease(job_id)
+def run_training_job(rt: WorkerRuntime, message_job_id: str) -> None:
+    """Lease the fairest queued training job (service/jobs/dispatch.py; usually the message's
+    own), train (resuming from its last checkpoint), publish, record the outcome."""
+    with unit_of_work(rt.session_factory) as session:
+        job = rt.lease_fair(
+            session, kind=JobKind.TRAIN.value, base_model=None, hint_job_id=message_job_id
+        )
     if job is None:
-        log.info("train %s: not queued any more (duplicate delivery or cancelled)", job_id)
+        log.info("train %s: nothing queued any more (duplicate or cancelled)", message_job_id)
         return
+    job_id = job.id
     rt.current_job_id = job_id
     try:
         _train_and_publish(rt, job)

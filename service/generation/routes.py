@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.db import new_id
 from service.deps import AppSettings, Caller, Store, UoW
+from service.generation.retries import OpenAIRetries
 from service.generation.schemas import (
     GenerateOut,
     GenerateRequest,
@@ -21,7 +24,7 @@ from service.generation.service import create_generation_job, generation_answer,
 from service.idempotency import IdempotencyKeyHeader, create_once
 from service.jobs.schemas import JobOut
 from service.jobs.service import get_job
-from service.models import FINAL_JOB_STATUSES, Job, JobStatus
+from service.models import FINAL_JOB_STATUSES, Job, JobKind, JobStatus
 from service.notify import DoneListener, wait_for
 from service.problems import (
     NotFound,
@@ -30,10 +33,19 @@ from service.problems import (
     Unprocessable,
     field_error,
 )
-from service.queue import GENERATE_QUEUE, TASK_GENERATE
+from service.queue import GENERATE_QUEUE
 from service.storage import ArtifactStore
 
 router = APIRouter(tags=["generation"])
+
+
+def _openai_retries(request: Request) -> OpenAIRetries:
+    settings = request.app.state.settings
+    return OpenAIRetries(
+        request.app.state.redis,
+        key_prefix=settings.redis_key_prefix,
+        window_s=settings.openai_retry_window_s,
+    )
 
 
 async def _run(
@@ -44,15 +56,20 @@ async def _run(
     body: GenerateRequest,
     wait_s: float,
     idempotency_key: str | None,
+    attach_to: str | None = None,
+    on_created: Callable[[str], Awaitable[None]] | None = None,
 ) -> Job:
     """Create the job, send it, and wait up to ``wait_s`` for it to finish; returns the job as
-    committed then (succeeded, failed, or still queued or running)."""
+    committed then (succeeded, failed, or still queued or running). With ``attach_to`` (a job
+    an earlier attempt of this request created), wait for that job instead."""
     settings = request.app.state.settings
     listener: DoneListener = request.app.state.done_listener
-    new_job_id = new_id("job")
+    new_job_id = attach_to or new_id("job")
 
     def create_and_commit() -> tuple[str, Job | None]:
         """(id of the job to wait for, the job if this request created it)."""
+        if attach_to is not None:
+            return attach_to, None
         made: list[Job] = []
 
         def create() -> str:
@@ -72,7 +89,9 @@ async def _run(
         )
         if is_new:
             uow.after_commit(
-                lambda: uow.sender.send(TASK_GENERATE, job_id=job_id, queue=GENERATE_QUEUE)
+                lambda: uow.sender.send_job(
+                    job_id=job_id, kind=JobKind.GENERATE.value, queue=GENERATE_QUEUE
+                )
             )
         uow.commit()
         return job_id, made[0] if is_new else None
@@ -89,6 +108,8 @@ async def _run(
     # then poll it (its notification, if any, was for the first request).
     with listener.waiting(new_job_id) as waiter:
         job_id, created = await run_in_threadpool(create_and_commit)
+        if created is not None and on_created is not None:
+            await on_created(job_id)
         wait_first = created is not None
         deadline = time.monotonic() + wait_s
         while True:
@@ -192,8 +213,22 @@ async def openai_images_route(
     caller: Caller,
     settings: AppSettings,
     store: Store,
+    idempotency_key: IdempotencyKeyHeader = None,
+    retry_count: Annotated[
+        str | None,
+        Header(
+            alias="x-stainless-retry-count",
+            include_in_schema=False,
+        ),
+    ] = None,
 ) -> OpenAIImagesResponse:
-    """OpenAI-compatible: `model` is an adapter ref (weight 1) or a base model name."""
+    """OpenAI-compatible: `model` is an adapter ref (weight 1) or a base model name.
+
+    Answers within LORASTACK_OPENAI_WAIT_S (else 503 with Retry-After). The OpenAI SDK retries
+    a timed-out or failed request with the same body and an ``x-stainless-retry-count`` header
+    but no idempotency key: such a retry waits for the job its first attempt created instead
+    of running the request twice.
+    """
     width = height = None
     if body.size:
         width, height = (int(v) for v in body.size.split("x"))
@@ -223,14 +258,24 @@ async def openai_images_route(
             ),
         }
     )
+    retries = _openai_retries(request)
+    first_attempt = (
+        await retries.find(tenant_id=caller.tenant_id, payload=body)
+        if retry_count and retry_count != "0"
+        else None
+    )
     try:
         job = await _run(
             request,
             uow,
             tenant_id=caller.tenant_id,
             body=generate,
-            wait_s=settings.generate_max_wait_s,
-            idempotency_key=None,
+            wait_s=settings.openai_wait_s,
+            idempotency_key=idempotency_key,
+            attach_to=first_attempt,
+            on_created=lambda job_id: retries.remember(
+                tenant_id=caller.tenant_id, payload=body, job_id=job_id
+            ),
         )
     except Unprocessable as exc:
         fields = [e.get("field") for e in exc.extra.get("errors", [])]
@@ -246,8 +291,13 @@ async def openai_images_route(
             extra={"job_id": job.id},
         )
     if job.status != JobStatus.SUCCEEDED.value:
+        # The SDK retries a 503 (after Retry-After); its retry waits for this same job.
         raise ServiceUnavailable(
-            "generation did not finish in time", code="generation_timeout", extra={"job_id": job.id}
+            f"generation did not finish within {settings.openai_wait_s:g} s "
+            "(LORASTACK_OPENAI_WAIT_S); a retry of this request waits for the same job",
+            code="generation_timeout",
+            extra={"job_id": job.id},
+            headers={"Retry-After": "1"},
         )
     answer = await _answer(request, uow, store, job=job, response_format=body.response_format)
     created = int(job.finished_at.timestamp()) if job.finished_at else int(time.time())

@@ -21,7 +21,7 @@ from service.generation.schemas import (
     ImageOut,
     ResolvedAdapter,
 )
-from service.jobs import lifecycle
+from service.jobs import dispatch, lifecycle
 from service.models import Image, Job, JobKind
 from service.problems import NotFound, ServiceError, field_error
 from service.queue import GENERATE_QUEUE
@@ -71,6 +71,17 @@ def create_generation_job(
     _limit("width", width, settings.generate_max_side, "generate_max_side")
     _limit("height", height, settings.generate_max_side, "generate_max_side")
     _limit("width", width * height, settings.generate_max_pixels, "generate_max_pixels")
+    # Relative to the model's native size: a tiny model asked for 2048 px would keep a worker
+    # busy for many minutes (docs/architecture.md, admission by cost).
+    max_side = int(side * settings.generate_max_side_factor)
+    _limit("width", width, max_side, "generate_max_side_factor")
+    _limit("height", height, max_side, "generate_max_side_factor")
+    _limit(
+        "width",
+        width * height,
+        int(side * side * settings.generate_max_pixels_factor),
+        "generate_max_pixels_factor",
+    )
 
     adapters: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -118,6 +129,9 @@ def create_generation_job(
             [base_model, shape, [(a["version_id"], a["weight"]) for a in adapters]], sort_keys=True
         ).encode()
     ).hexdigest()[:32]
+    dispatch.check_queued_quota(
+        session, settings=settings, tenant_id=tenant_id, kind=JobKind.GENERATE.value
+    )
     return lifecycle.create_job(
         session,
         tenant_id=tenant_id,

@@ -24,7 +24,7 @@ from service.jobs.training_schemas import (
     TrainJobCreate,
 )
 from service.models import FINAL_JOB_STATUSES, Checkpoint, Dataset, JobKind, JobStatus
-from service.queue import QUEUES, TASK_PING, TASK_TRAIN, TRAIN_QUEUE
+from service.queue import QUEUES, TASK_PING, TRAIN_QUEUE
 
 router = APIRouter(tags=["jobs"])
 
@@ -78,13 +78,16 @@ async def create_job_route(
         )
 
     dataset, base_model, source = await run_in_threadpool(validate)
-    if body.dry_run:
-        response.status_code = 200
-        return await run_in_threadpool(
+    if body.dry_run or settings.train_max_memory_bytes or settings.train_max_duration_s:
+        plan = await run_in_threadpool(
             lambda: training.plan_training(
                 body=body, dataset=dataset, base_model=base_model, source=source
             )
         )
+        if body.dry_run:
+            response.status_code = 200
+            return plan
+        training.admit_by_plan(plan, settings=settings)
 
     def create() -> JobOut:
         job_id, created = create_once(
@@ -105,7 +108,11 @@ async def create_job_route(
             ),
         )
         if created:
-            uow.after_commit(lambda: uow.sender.send(TASK_TRAIN, job_id=job_id, queue=TRAIN_QUEUE))
+            uow.after_commit(
+                lambda: uow.sender.send_job(
+                    job_id=job_id, kind=JobKind.TRAIN.value, queue=TRAIN_QUEUE
+                )
+            )
             uow.commit()
         job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
         return JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
