@@ -76,7 +76,6 @@ class TaskSender:
             "interval_start": 0,
             "interval_step": step,
             "interval_max": step,
-            "timeout": publish_timeout_s,
         }
 
     def send(self, task: str, *, job_id: str, queue: str) -> bool:

@@ -155,7 +155,7 @@ def run_generation_job(rt: WorkerRuntime, message_job_id: str) -> None:
         )
         return
     job_id = batch[0].id
-    rt.current_job_id = job_id
+    rt.hold([job.id for job in batch])
     try:
         if batch[0].base_model != serves:
             _fail(
@@ -179,7 +179,7 @@ def run_generation_job(rt: WorkerRuntime, message_job_id: str) -> None:
         code = "invalid_request" if isinstance(exc, ValueError) else "internal_error"
         _fail(rt, batch, code, f"{type(exc).__name__}: {exc}")
     finally:
-        rt.current_job_id = None
+        rt.hold([])
 
 
 # A cancel is seen within one denoising step, or this long when steps are shorter (tiny

@@ -9,6 +9,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -37,10 +38,19 @@ class WorkerRuntime:
     worker_id: str = field(default_factory=process_id)
     queues: tuple[str, ...] = QUEUES
     current_job_id: str | None = None
+    # Every job this process holds a lease on (a generation batch leases several).
+    held_job_ids: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _to_send: list[lifecycle.Requeued] = field(default_factory=list)
+    _to_send_lock: threading.Lock = field(default_factory=threading.Lock)
     _next_dispatch_check: float = 0.0
+
+    def hold(self, job_ids: list[str]) -> None:
+        """Mark the jobs this process now runs (their leases are renewed by the heartbeat)."""
+        self.held_job_ids = tuple(job_ids)
+        self.current_job_id = job_ids[0] if job_ids else None
 
     def register(self) -> None:
         import socket
@@ -60,18 +70,21 @@ class WorkerRuntime:
             )
 
     def beat(self) -> None:
-        """One heartbeat: refresh our worker row, renew the current job's lease, reap the dead."""
-        job_id = self.current_job_id
+        """One heartbeat: refresh our worker row, renew our jobs' leases, reap the dead.
+
+        SQL only: the messages for requeued jobs are sent by the dispatch thread, so a slow or
+        absent Redis never delays a lease renewal (a late one would reap our own job)."""
+        job_id, held = self.current_job_id, self.held_job_ids
         with unit_of_work(self.session_factory) as session:
             session.execute(
                 update(Worker)
                 .where(Worker.id == self.worker_id)
                 .values(heartbeat_at=utcnow(), current_job_id=job_id, info=dict(self.info))
             )
-            if job_id:
+            for held_id in held:
                 lifecycle.renew_lease(
                     session,
-                    job_id=job_id,
+                    job_id=held_id,
                     owner=self.worker_id,
                     lease_s=self.settings.job_lease_s,
                 )
@@ -80,15 +93,26 @@ class WorkerRuntime:
             session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff))
         for job in requeued:
             log.warning("requeued job %s after its worker was lost", job.job_id)
+        with self._to_send_lock:
+            self._to_send.extend(requeued)
+
+    def dispatch(self) -> None:
+        """One round of the dispatch thread: send requeued jobs, and every dispatch_check_s
+        re-send queued jobs whose message was lost."""
+        with self._to_send_lock:
+            pending, self._to_send = self._to_send, []
+        for job in pending:
             self.sender.send_job(job_id=job.job_id, kind=job.kind, queue=job.queue)
-        if time.monotonic() >= self._next_dispatch_check:
-            self._next_dispatch_check = time.monotonic() + self.settings.dispatch_check_s
-            self.resend_lost_messages()
+        self.resend_lost_messages()
 
     def resend_lost_messages(self) -> int:
         """Re-send queued jobs whose message is gone (service/jobs/dispatch.py); returns how
         many were sent. One worker does it per check interval (a Redis lock), so a fleet of
         workers doesn't send a surplus each."""
+        now = time.monotonic()
+        if now < self._next_dispatch_check:
+            return 0
+        self._next_dispatch_check = now + self.settings.dispatch_check_s
         lock = f"{self.settings.redis_key_prefix}lorastack:dispatch-check"
         ttl_ms = max(int(self.settings.dispatch_check_s * 1000) - 50, 1)
         try:
@@ -109,11 +133,13 @@ class WorkerRuntime:
                     older_than_s=self.settings.dispatch_resend_after_s,
                 )
             ]
-        for queue, job_id, kind in lost:
+        sent = sum(
             self.sender.send_job(job_id=job_id, kind=kind, queue=queue)
-        if lost:
-            log.warning("re-sent %d queued job(s) that had no message", len(lost))
-        return len(lost)
+            for queue, job_id, kind in lost
+        )
+        if sent:
+            log.warning("re-sent %d queued job(s) that had no message", sent)
+        return sent
 
     @functools.cached_property
     def redis(self) -> redis.Redis:
@@ -154,20 +180,26 @@ class WorkerRuntime:
 
     def start_heartbeat(self) -> None:
         self.register()
-        self._thread = threading.Thread(target=self._run, name="lorastack-heartbeat", daemon=True)
-        self._thread.start()
+        heartbeat_s = self.settings.worker_heartbeat_s
+        for name, every, step in (
+            ("lorastack-heartbeat", heartbeat_s, self.beat),
+            ("lorastack-dispatch", min(heartbeat_s, self.settings.dispatch_check_s), self.dispatch),
+        ):
+            thread = threading.Thread(target=self._loop, args=(every, step), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.worker_heartbeat_s):
+    def _loop(self, every: float, step: Callable[[], None]) -> None:
+        while not self._stop.wait(every):
             try:
-                self.beat()
-            except Exception:  # a database blip must not kill the heartbeat thread
-                log.exception("heartbeat failed")
+                step()
+            except Exception:  # a database or Redis blip must not kill the thread
+                log.exception("%s failed", threading.current_thread().name)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
         try:
             with unit_of_work(self.session_factory) as session:
                 session.execute(delete(Worker).where(Worker.id == self.worker_id))

@@ -177,7 +177,7 @@ def run_training_job(rt: WorkerRuntime, message_job_id: str) -> None:
         log.info("train %s: nothing queued any more (duplicate or cancelled)", message_job_id)
         return
     job_id = job.id
-    rt.current_job_id = job_id
+    rt.hold([job_id])
     try:
         _train_and_publish(rt, job)
     except LeaseLost:
@@ -193,7 +193,7 @@ def run_training_job(rt: WorkerRuntime, message_job_id: str) -> None:
                 log.exception("train %s failed", job_id)
             _finish(rt, job_id, JobStatus.FAILED, error=(code, message))
     finally:
-        rt.current_job_id = None
+        rt.hold([])
 
 
 def _classify(exc: Exception) -> tuple[str, str]:
