@@ -26,15 +26,15 @@ test: install lint typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check service workers tests bench migrations examples
-	$(VENV)/bin/ruff format --check service workers tests bench migrations examples
+	$(VENV)/bin/ruff check lorafile lorastack service workers tests bench migrations examples
+	$(VENV)/bin/ruff format --check lorafile lorastack service workers tests bench migrations examples
 
 typecheck: install
 	$(VENV)/bin/mypy
 
 fmt: install
-	$(VENV)/bin/ruff check --fix service workers tests bench migrations examples
-	$(VENV)/bin/ruff format service workers tests bench migrations examples
+	$(VENV)/bin/ruff check --fix lorafile lorastack service workers tests bench migrations examples
+	$(VENV)/bin/ruff format lorafile lorastack service workers tests bench migrations examples
 
 migrate: install
 	$(VENV)/bin/lorastack migrate

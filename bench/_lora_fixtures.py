@@ -17,8 +17,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from tests.fixtures.random_lora import RandomLoraSpec, RandomLoraWriter
 from workers.engine.inference import DEFAULT_TARGET_MODULES
-from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
 from workers.engine.model_builder import build_pipeline_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

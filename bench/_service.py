@@ -73,7 +73,7 @@ def serve(
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "serve.log"
     port = free_port()
-    command = ["-m", "service.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    command = ["-m", "lorastack.cli", "serve", "--port", str(port), "--log-level", "warning"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, *command], env=env, cwd=source, stdout=log, stderr=subprocess.STDOUT

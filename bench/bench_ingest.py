@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from service.config import DatasetLimits
 from service.datasets.ingest import ingest_zip
-from service.datasets.limits import DatasetLimits
 
 
 def _encoded_images(count: int, side: int) -> list[tuple[str, bytes]]:

@@ -20,7 +20,7 @@ from service.health.routes import router as health_router
 from service.jobs.routes import router as jobs_router
 from service.notify import DoneListener
 from service.problems import install_problem_handlers
-from service.queue import TaskSender, make_celery
+from service.queue import TaskSender, make_celery, send_after_commit
 from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware
 from service.storage import ArtifactStore
 
@@ -36,8 +36,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
-        app.state.store = ArtifactStore(settings.resolved_artifact_dir)
         app.state.sender = TaskSender(celery, publish_timeout_s=settings.dispatch_publish_timeout_s)
+        send_after_commit(app.state.session_factory, app.state.sender)
+        app.state.store = ArtifactStore(settings.resolved_artifact_dir)
         app.state.key_cache = KeyCache(settings.auth_cache_ttl_s)
         app.state.redis = aioredis.Redis.from_url(settings.redis_client_url)
         app.state.rate_limiter = (

@@ -5,14 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from service.adapters.formats import read_safetensors_header
+# Re-exported: the training-request checks read Linear names next to the other base-model facts.
+from lorafile import linear_module_names as linear_module_names
 from service.config import Settings
-from service.problems import Unprocessable
-
-WEIGHT_FILES = {
-    "unet": ("unet/diffusion_pytorch_model.safetensors",),
-    "text_encoder": ("text_encoder/model.safetensors",),
-}
+from service.errors import Unprocessable
 
 
 def resolve_base_model(settings: Settings, name: str | None) -> tuple[str, str]:
@@ -32,33 +28,6 @@ def local_folder(source: str) -> Path | None:
     """The folder of a base model given as a local path (None for a hub id)."""
     path = Path(source)
     return path if (path / "model_index.json").exists() else None
-
-
-def linear_module_names(folder: Path, component: str) -> frozenset[str]:
-    """Names of the 2-D weight modules (Linear layers) of a component, from its file header."""
-    for rel in WEIGHT_FILES[component]:
-        weights = folder / rel
-        if weights.exists():
-            stat = weights.stat()
-            return _linear_names(str(weights), stat.st_mtime_ns, stat.st_size)
-    return frozenset()
-
-
-@lru_cache(maxsize=32)
-def _linear_names(path: str, _mtime_ns: int, _size: int) -> frozenset[str]:
-    from service.adapters.formats import SafetensorsLimits
-
-    header = read_safetensors_header(
-        Path(path),
-        limits=SafetensorsLimits(
-            max_header_bytes=64 * 1024 * 1024, max_tensors=100_000, max_total_bytes=1 << 40
-        ),
-    )
-    return frozenset(
-        name[: -len(".weight")]
-        for name, info in header.tensors.items()
-        if name.endswith(".weight") and len(info.shape) == 2
-    )
 
 
 def missing_targets(modules: frozenset[str], suffixes: tuple[str, ...]) -> list[str]:

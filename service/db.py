@@ -91,8 +91,9 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One transaction outside a request (workers, the CLI): commits on success, rolls back
+    on error. A request instead commits through its `deps.UnitOfWork`."""
     session = factory()
     try:
         yield session

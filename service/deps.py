@@ -12,21 +12,18 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import KeyCache, Principal, hash_key, lookup_key
 from service.config import Settings
-from service.problems import Unauthorized
-from service.queue import TaskSender
+from service.errors import Unauthorized
 from service.ratelimit import STATE_KEY, RateLimiter
 from service.storage import ArtifactStore
 
 
 @dataclass
 class UnitOfWork:
-    """The request's session. Services flush; the route commits once, then tasks are sent.
-
-    Sending after the commit means a worker never receives an id whose row it cannot see.
-    """
+    """The request's session. Services flush; the route commits once. Committing sends the
+    tasks of the jobs created in it (service.queue), then runs the route's own after-commit
+    steps (e.g. deleting a file whose row is gone)."""
 
     session: Session
-    sender: TaskSender
     _after_commit: list[Callable[[], Any]] = field(default_factory=list)
 
     def after_commit(self, fn: Callable[[], Any]) -> None:
@@ -52,7 +49,7 @@ async def get_store(request: Request) -> ArtifactStore:
 async def get_uow(request: Request) -> AsyncIterator[UnitOfWork]:
     """The request's unit of work. Creating a session does no I/O, so this runs on the loop."""
     session: Session = request.app.state.session_factory()
-    uow = UnitOfWork(session=session, sender=request.app.state.sender)
+    uow = UnitOfWork(session=session)
     try:
         yield uow
     finally:

@@ -20,10 +20,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.errors import Unprocessable
 from service.models import IdempotencyKey
-from service.problems import Unprocessable
 
 REUSED_CODE = "idempotency_key_reused"
+# Set (to "true") on an answer that repeats what an earlier request with the same key created.
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 IdempotencyKeyHeader = Annotated[
     str | None,
@@ -50,6 +52,15 @@ class IdempotentRequest:
     scope: str
     key: str
     request_hash: str
+
+    @classmethod
+    def of(
+        cls, *, tenant_id: str, scope: str, key: str | None, payload: Mapping[str, Any]
+    ) -> IdempotentRequest | None:
+        """The keyed request, or None when the client sent no Idempotency-Key."""
+        if not key:
+            return None
+        return cls(tenant_id=tenant_id, scope=scope, key=key, request_hash=request_hash(payload))
 
     def find(self, session: Session) -> str | None:
         """The id of the resource a first request with this key created, or None.
@@ -114,11 +125,9 @@ def create_once(
 ) -> tuple[str, bool]:
     """Run ``create`` (which flushes a resource and returns its id) unless an earlier request
     with this Idempotency-Key did. Returns (resource id, created by this call)."""
-    if not key:
+    request = IdempotentRequest.of(tenant_id=tenant_id, scope=scope, key=key, payload=payload)
+    if request is None:
         return create(), True
-    request = IdempotentRequest(
-        tenant_id=tenant_id, scope=scope, key=key, request_hash=request_hash(payload)
-    )
     existing = request.find(session)
     if existing is not None:
         return existing, False

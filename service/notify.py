@@ -23,7 +23,7 @@ import redis
 import redis.asyncio as aioredis
 
 from service.config import Settings
-from service.jobs.lifecycle import JobOutcome
+from service.lifecycle import JobOutcome
 
 log = logging.getLogger("lorastack.notify")
 

@@ -1,6 +1,7 @@
-"""Celery configuration shared by the API (which only sends) and the workers.
+"""Celery configuration shared by the API (which only sends) and the workers, and the one
+way a job's task is sent: after the transaction that created (or requeued) the job commits.
 
-The API sends tasks by name with ids only; it never imports the worker code.
+Tasks are sent by name with ids only; neither the API nor the lifecycle imports worker code.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
+from service.models import JobKind
 
 TRAIN_QUEUE = "train"
 GENERATE_QUEUE = "generate"
@@ -20,7 +24,13 @@ QUEUES = (TRAIN_QUEUE, GENERATE_QUEUE)
 TASK_PING = "lorastack.ping"
 TASK_TRAIN = "lorastack.train"
 TASK_GENERATE = "lorastack.generate"
-TASK_FOR_KIND = {"train": TASK_TRAIN, "generate": TASK_GENERATE, "ping": TASK_PING}
+
+# Which task runs a job of each kind: a new kind is a new entry here.
+TASK_FOR_KIND: dict[str, str] = {
+    JobKind.TRAIN.value: TASK_TRAIN,
+    JobKind.GENERATE.value: TASK_GENERATE,
+    JobKind.PING.value: TASK_PING,
+}
 
 log = logging.getLogger("lorastack.queue")
 
@@ -65,7 +75,7 @@ class TaskSender:
 
     A send happens after the job's row is committed, so it must not fail the request: when
     Redis is down the job stays queued in SQL and a worker's re-send delivers it once Redis is
-    back (service/jobs/dispatch.py). A publish gives up after ``publish_timeout_s``.
+    back (service/jobs/dispatch.py). A publish gives up after about ``publish_timeout_s``.
     """
 
     def __init__(self, celery: Celery, *, publish_timeout_s: float = 1.0) -> None:
@@ -103,3 +113,27 @@ class TaskSender:
             except ChannelError:
                 return 0
             return int(count)
+
+
+_PENDING_SENDS = "lorastack.pending_sends"
+
+
+def enqueue_after_commit(session: Session, *, job_id: str, kind: str, queue: str) -> None:
+    """Send the job's task once ``session`` commits; nothing is sent if it rolls back.
+
+    Sending after the commit means a worker never receives an id whose row it cannot see.
+    """
+    session.info.setdefault(_PENDING_SENDS, []).append((TASK_FOR_KIND[kind], job_id, queue))
+
+
+def send_after_commit(factory: sessionmaker[Session], sender: TaskSender) -> None:
+    """Make every session of ``factory`` send the tasks enqueued in it when it commits."""
+
+    @event.listens_for(factory, "after_commit")
+    def _send(session: Session) -> None:
+        for task, job_id, queue in session.info.pop(_PENDING_SENDS, ()):
+            sender.send(task, job_id=job_id, queue=queue)
+
+    @event.listens_for(factory, "after_rollback")
+    def _drop(session: Session) -> None:
+        session.info.pop(_PENDING_SENDS, None)

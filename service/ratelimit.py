@@ -21,7 +21,7 @@ import redis
 import redis.asyncio as aioredis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.problems import TooManyRequests
+from service.errors import TooManyRequests
 
 log = logging.getLogger("lorastack.ratelimit")
 

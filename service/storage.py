@@ -119,12 +119,6 @@ class ArtifactStore:
         with open(src, "rb") as fh:
             return self.put_stream(fh, prefix=prefix, suffix=suffix)
 
-    def adopt_dir(self, src: Path, key: str) -> None:
-        """Move a fully written directory into place under ``key`` in one rename."""
-        dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dest)
-
     def open(self, key: str) -> BinaryIO:
         return open(self.path(key), "rb")
 
@@ -140,9 +134,6 @@ class ArtifactStore:
                 if remaining is not None:
                     remaining -= len(chunk)
                 yield chunk
-
-    def size(self, key: str) -> int:
-        return self.path(key).stat().st_size
 
     def delete(self, key: str) -> None:
         target = self.path(key)

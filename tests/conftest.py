@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.app import create_app
 from service.auth import create_api_key
 from service.config import Settings, normalize_database_url
-from service.db import make_engine, make_session_factory, unit_of_work
+from service.db import make_engine, make_session_factory, transaction
 from service.embedded_redis import EmbeddedRedis
 from service.models import Worker
 
@@ -93,7 +93,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "service.cli",
+                "lorastack.cli",
                 "worker",
                 "--queues",
                 queues,
@@ -228,7 +228,7 @@ def worker(stack: Stack) -> subprocess.Popen[bytes]:
 
 
 def new_tenant_headers(stack: Stack) -> dict[str, str]:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         secret = create_api_key(session, tenant_name=f"tenant-{secrets.token_hex(4)}")
     return {"Authorization": f"Bearer {secret}"}
 

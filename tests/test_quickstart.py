@@ -44,7 +44,7 @@ def test_readme_quickstart_runs_against_serve(tmp_path: Path) -> None:
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "lorastack.cli", "serve", "--port", str(port)],
             cwd=REPO,
             env=env,
             stdout=log,

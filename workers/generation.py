@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from service.db import new_id, unit_of_work, utcnow
-from service.jobs import lifecycle
-from service.jobs.lifecycle import LeasedJob
+from service import lifecycle
+from service.db import new_id, transaction, utcnow
+from service.job_params import GenerateParams
+from service.lifecycle import LeasedJob
 from service.models import Image, JobKind, JobStatus
 from service.notify import publish_done
 from service.storage import ArtifactStore
@@ -92,27 +93,25 @@ def get_engine(rt: WorkerRuntime) -> InferenceEngine:
 def _to_request(job: LeasedJob) -> GenerationRequest:
     from workers.engine.inference.generation import AdapterRef, GenerationRequest
 
-    params = job.params["request"]
+    params = GenerateParams.model_validate(job.params)
+    spec = params.request
     return GenerationRequest(
-        prompt=params["prompt"],
-        negative_prompt=params.get("negative_prompt"),
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
         # The cache key is the artifact key: content-addressed, so equal files share an entry.
-        adapters=tuple(
-            AdapterRef(key=a["storage_key"], weight=float(a["weight"]))
-            for a in job.params.get("adapters", [])
-        ),
-        num_inference_steps=params["num_inference_steps"],
-        guidance_scale=params["guidance_scale"],
-        width=params["width"],
-        height=params["height"],
-        seed=params["seed"],
-        num_images=params["num_images"],
-        scheduler=params["scheduler"],
+        adapters=tuple(AdapterRef(key=a.storage_key, weight=a.weight) for a in params.adapters),
+        num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale,
+        width=spec.width,
+        height=spec.height,
+        seed=spec.seed,
+        num_images=spec.num_images,
+        scheduler=spec.scheduler,
     )
 
 
 def _lease_batch(session: Session, rt: WorkerRuntime, message_job_id: str) -> list[LeasedJob]:
-    """Lease the fairest queued job for this worker's base model (service/jobs/dispatch.py;
+    """Lease the fairest queued job for this worker's base model (service/dispatch.py;
     usually the message's own) and the queued jobs that can share its pipeline call (same base
     model and batch key). Messages naming a job leased here lease the next fair job instead."""
     first = rt.lease_fair(
@@ -147,7 +146,7 @@ def run_generation_job(rt: WorkerRuntime, message_job_id: str) -> None:
     from workers.engine.inference.generation import GenerationCancelled
 
     serves = rt.settings.default_base_model
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         batch = _lease_batch(session, rt, message_job_id)
     if not batch:
         log.info(
@@ -211,7 +210,7 @@ class _ProgressReporter:
             "images_done": progress.images_done,
             "images_total": progress.images_total,
         }
-        with unit_of_work(self.rt.session_factory) as session:
+        with transaction(self.rt.session_factory) as session:
             statuses = session.execute(
                 _BATCH_STATUS, {"job_ids": self.job_ids, "owner": self.rt.worker_id}
             ).all()
@@ -247,7 +246,7 @@ def _record(
     image_rows: list[dict[str, Any]] = []
     outcomes: dict[str, lifecycle.JobOutcome | None] = {}
     now = utcnow()
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         for job, result in zip(batch, results, strict=True):
             if job.id in cancelled:
                 outcomes[job.id] = lifecycle.finish_job(
@@ -312,7 +311,7 @@ def _finish_all(
     *,
     error: tuple[str, str] | None = None,
 ) -> None:
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         outcomes = {
             job.id: lifecycle.finish_job(
                 session,

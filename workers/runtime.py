@@ -1,12 +1,14 @@
 """Per-process worker state: the SQL session factory, the artifact store, the heartbeat.
 
-Built once per worker process (Celery's worker_process_init / worker_init), never per task.
+Built once per worker process, on first use (the solo pool runs every task in the process
+that built it), never per task.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -18,15 +20,37 @@ import redis
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import dispatch, lifecycle
 from service.config import Settings, get_settings
-from service.db import make_engine, make_session_factory, process_id, unit_of_work, utcnow
-from service.jobs import dispatch, lifecycle
-from service.jobs.lifecycle import LeasedJob
+from service.db import make_engine, make_session_factory, process_id, transaction, utcnow
+from service.lifecycle import LeasedJob
 from service.models import Job, Worker
-from service.queue import QUEUES, TaskSender
+from service.queue import QUEUES, TaskSender, send_after_commit
 from service.storage import ArtifactStore
 
 log = logging.getLogger("lorastack.worker")
+
+
+class BackgroundSender(TaskSender):
+    """Sends from the worker's dispatch thread: a commit in the heartbeat (the reaper's
+    requeues) only hands the message over, so a slow or absent Redis never delays a lease
+    renewal (a late one would reap our own job)."""
+
+    def __init__(self, sender: TaskSender) -> None:
+        self.sender = sender
+        self.pending: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()
+
+    def send(self, task: str, *, job_id: str, queue: str) -> bool:
+        self.pending.put((task, job_id, queue))
+        return True
+
+    def flush(self) -> None:
+        while True:
+            try:
+                task, job_id, queue_name = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            self.sender.send(task, job_id=job_id, queue=queue_name)
 
 
 @dataclass
@@ -35,6 +59,7 @@ class WorkerRuntime:
     session_factory: sessionmaker[Session]
     store: ArtifactStore
     sender: TaskSender
+    background: BackgroundSender
     worker_id: str = field(default_factory=process_id)
     queues: tuple[str, ...] = QUEUES
     current_job_id: str | None = None
@@ -43,8 +68,6 @@ class WorkerRuntime:
     info: dict[str, Any] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
-    _to_send: list[lifecycle.Requeued] = field(default_factory=list)
-    _to_send_lock: threading.Lock = field(default_factory=threading.Lock)
     _next_dispatch_check: float = 0.0
 
     def hold(self, job_ids: list[str]) -> None:
@@ -55,7 +78,7 @@ class WorkerRuntime:
     def register(self) -> None:
         import socket
 
-        with unit_of_work(self.session_factory) as session:
+        with transaction(self.session_factory) as session:
             session.merge(
                 Worker(
                     id=self.worker_id,
@@ -70,12 +93,9 @@ class WorkerRuntime:
             )
 
     def beat(self) -> None:
-        """One heartbeat: refresh our worker row, renew our jobs' leases, reap the dead.
-
-        SQL only: the messages for requeued jobs are sent by the dispatch thread, so a slow or
-        absent Redis never delays a lease renewal (a late one would reap our own job)."""
+        """One heartbeat: refresh our worker row, renew our jobs' leases, reap the dead."""
         job_id, held = self.current_job_id, self.held_job_ids
-        with unit_of_work(self.session_factory) as session:
+        with transaction(self.session_factory) as session:
             session.execute(
                 update(Worker)
                 .where(Worker.id == self.worker_id)
@@ -91,24 +111,19 @@ class WorkerRuntime:
             requeued = lifecycle.reap_stale_jobs(session)
             cutoff = utcnow() - timedelta(seconds=self.settings.worker_stale_s * 10)
             session.execute(delete(Worker).where(Worker.heartbeat_at < cutoff))
-        for job in requeued:
+        for job in requeued:  # sent again by the commit above (from the dispatch thread)
             log.warning("requeued job %s after its worker was lost", job.job_id)
-        with self._to_send_lock:
-            self._to_send.extend(requeued)
 
     def dispatch(self) -> None:
-        """One round of the dispatch thread: send requeued jobs, and every dispatch_check_s
-        re-send queued jobs whose message was lost."""
-        with self._to_send_lock:
-            pending, self._to_send = self._to_send, []
-        for job in pending:
-            self.sender.send_job(job_id=job.job_id, kind=job.kind, queue=job.queue)
+        """One round of the dispatch thread: send what commits handed over, and every
+        dispatch_check_s re-send queued jobs whose message was lost."""
+        self.background.flush()
         self.resend_lost_messages()
 
     def resend_lost_messages(self) -> int:
-        """Re-send queued jobs whose message is gone (service/jobs/dispatch.py); returns how
-        many were sent. One worker does it per check interval (a Redis lock), so a fleet of
-        workers doesn't send a surplus each."""
+        """Re-send queued jobs whose message is gone (service/dispatch.py); returns how many
+        were sent. One worker does it per check interval (a Redis lock), so a fleet of workers
+        doesn't send a surplus each."""
         now = time.monotonic()
         if now < self._next_dispatch_check:
             return 0
@@ -118,24 +133,24 @@ class WorkerRuntime:
         try:
             if not self.redis.set(lock, self.worker_id, nx=True, px=ttl_ms):
                 return 0
-            counts = {queue: self.sender.queued_messages(queue) for queue in QUEUES}
+            counts = {name: self.sender.queued_messages(name) for name in QUEUES}
         except Exception as exc:  # Redis down: nothing can be sent now; the next check retries
             log.warning("dispatch check skipped: %s", exc)
             return 0
-        with unit_of_work(self.session_factory) as session:
+        with transaction(self.session_factory) as session:
             lost = [
-                (queue, job_id, kind)
-                for queue, messages in counts.items()
+                (name, job_id, kind)
+                for name, messages in counts.items()
                 for job_id, kind in dispatch.jobs_to_resend(
                     session,
-                    queue=queue,
+                    queue=name,
                     messages=messages,
                     older_than_s=self.settings.dispatch_resend_after_s,
                 )
             ]
         sent = sum(
-            self.sender.send_job(job_id=job_id, kind=kind, queue=queue)
-            for queue, job_id, kind in lost
+            self.sender.send_job(job_id=job_id, kind=kind, queue=name)
+            for name, job_id, kind in lost
         )
         if sent:
             log.warning("re-sent %d queued job(s) that had no message", sent)
@@ -201,7 +216,7 @@ class WorkerRuntime:
         for thread in self._threads:
             thread.join(timeout=5)
         try:
-            with unit_of_work(self.session_factory) as session:
+            with transaction(self.session_factory) as session:
                 session.execute(delete(Worker).where(Worker.id == self.worker_id))
         except Exception:
             log.exception("could not deregister worker")
@@ -218,10 +233,15 @@ def get_runtime() -> WorkerRuntime:
 
         settings = get_settings()
         engine = make_engine(settings.resolved_database_url)
+        session_factory = make_session_factory(engine)
+        sender = TaskSender(current_app, publish_timeout_s=settings.dispatch_publish_timeout_s)
+        background = BackgroundSender(sender)
+        send_after_commit(session_factory, background)
         _runtime = WorkerRuntime(
             settings=settings,
-            session_factory=make_session_factory(engine),
+            session_factory=session_factory,
             store=ArtifactStore(settings.resolved_artifact_dir),
-            sender=TaskSender(current_app),
+            sender=sender,
+            background=background,
         )
     return _runtime

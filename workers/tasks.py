@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import socket
 
-from service.db import unit_of_work
-from service.jobs import lifecycle
+from service import lifecycle
+from service.db import transaction
 from service.models import JobStatus
 from service.queue import TASK_GENERATE, TASK_PING, TASK_TRAIN
 from workers.celery_app import app
@@ -19,7 +19,7 @@ log = logging.getLogger("lorastack.worker")
 def ping(job_id: str) -> None:
     """Round trip through Redis and SQL: lease the job and answer pong."""
     rt = get_runtime()
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         job = lifecycle.take_lease(
             session, job_id=job_id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
         )

@@ -7,18 +7,20 @@ import io
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 
-from service.adapters.registry import publish_version
-from service.adapters.service import canonical_file_bytes
+from service import lifecycle
 from service.base_models import local_folder
-from service.db import unit_of_work, utcnow
-from service.jobs import lifecycle
-from service.jobs.lifecycle import LeasedJob
+from service.db import transaction, utcnow
+from service.errors import ServiceError
+from service.job_params import TrainParams
+from service.lifecycle import LeasedJob
 from service.models import Checkpoint, Dataset, DatasetStatus, Image, Job, JobKind, JobStatus
+from service.publishing import publish_job_version, store_job_weights
 from workers.engine.training.callbacks import (
     CheckpointInfo,
     NullCallbacks,
@@ -80,7 +82,7 @@ class SqlCallbacks(NullCallbacks):
             "samples_per_s": round(progress.samples_per_s, 3),
             "eta_s": round(progress.eta_s, 1),
         }
-        with unit_of_work(self.rt.session_factory) as session:
+        with transaction(self.rt.session_factory) as session:
             if write_progress:
                 self._last_progress = now
                 session.execute(
@@ -94,7 +96,7 @@ class SqlCallbacks(NullCallbacks):
 
     def on_checkpoint(self, checkpoint: CheckpointInfo) -> None:
         key = str(checkpoint.path.relative_to(self.rt.store.root))
-        with unit_of_work(self.rt.session_factory) as session:
+        with transaction(self.rt.session_factory) as session:
             existing = session.scalar(
                 select(Checkpoint).where(
                     Checkpoint.job_id == self.job_id, Checkpoint.step == checkpoint.step
@@ -121,7 +123,7 @@ class SqlCallbacks(NullCallbacks):
             )
 
     def on_validation(self, step: int, images: list[ValidationImage]) -> None:
-        with unit_of_work(self.rt.session_factory) as session:
+        with transaction(self.rt.session_factory) as session:
             for sample in images:
                 ids = {}
                 for which, picture in (("base", sample.base_image), ("lora", sample.lora_image)):
@@ -146,7 +148,7 @@ class SqlCallbacks(NullCallbacks):
                 lifecycle.add_event(session, job_id=self.job_id, type="sample", data=entry)
 
     def on_resumed(self, step: int) -> None:
-        with unit_of_work(self.rt.session_factory) as session:
+        with transaction(self.rt.session_factory) as session:
             lifecycle.add_event(
                 session,
                 job_id=self.job_id,
@@ -169,7 +171,7 @@ class SqlCallbacks(NullCallbacks):
 def run_training_job(rt: WorkerRuntime, message_job_id: str) -> None:
     """Lease the fairest queued training job (service/jobs/dispatch.py; usually the message's
     own), train (resuming from its last checkpoint), publish, record the outcome."""
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         job = rt.lease_fair(
             session, kind=JobKind.TRAIN.value, base_model=None, hint_job_id=message_job_id
         )
@@ -212,13 +214,15 @@ def _classify(exc: Exception) -> tuple[str, str]:
         return "out_of_memory", f"{exc}. {exc.hint}"
     if isinstance(exc, TrainingDataError):
         return "dataset_error", str(exc)
+    if isinstance(exc, ServiceError):  # e.g. the adapter moved to another base model meanwhile
+        return exc.code, exc.detail
     return "internal_error", f"{type(exc).__name__}: {exc}"
 
 
 def _finish(
     rt: WorkerRuntime, job_id: str, status: JobStatus, *, error: tuple[str, str] | None = None
 ) -> None:
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         lifecycle.finish_job(
             session,
             job_id=job_id,
@@ -229,10 +233,17 @@ def _finish(
         )
 
 
-def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
-    from workers.engine.training.config import TrainConfig
+@dataclass(frozen=True)
+class _Inputs:
+    """What a run reads before it trains: its dataset's items and its base model's folder."""
+
+    items: list[Any]
+    pipeline_dir: Path
+
+
+def _inputs(rt: WorkerRuntime, job: LeasedJob) -> _Inputs:
+    """The job's dataset items and base model, or a JobFailure saying which is gone."""
     from workers.engine.training.data import TrainItem
-    from workers.engine.training.trainer import train_lora
 
     with rt.session_factory() as session:
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
@@ -260,59 +271,47 @@ def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
         TrainItem(image_path=dataset_dir / item["file"], captions=tuple(item["captions"]))
         for item in manifest["items"]
     ]
-    hyperparameters: dict[str, Any] = job.params["hyperparameters"]
-    config = TrainConfig.from_dict(hyperparameters)
+    return _Inputs(items=items, pipeline_dir=folder if folder is not None else Path(source))
+
+
+def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
+    from workers.engine.training.config import TrainConfig
+    from workers.engine.training.trainer import train_lora
+
+    inputs = _inputs(rt, job)
     callbacks = SqlCallbacks(rt, job_id=job.id, tenant_id=job.tenant_id)
     result = train_lora(
-        pipeline_dir=folder if folder is not None else Path(source),
-        items=items,
-        config=config,
+        pipeline_dir=inputs.pipeline_dir,
+        items=inputs.items,
+        config=TrainConfig.from_dict(TrainParams.model_validate(job.params).hyperparameters),
         output_dir=rt.store.path(f"jobs/{job.id}"),
         callbacks=callbacks,
         device=rt.info.get("device"),
     )
-    # Every stored version is in the canonical diffusers form (lora_A/lora_B, alpha in the header).
-    data = (
-        canonical_file_bytes(
-            result.adapter_path, base_model_dir=folder, base_model=job.base_model or ""
-        )
-        if folder is not None
-        else result.adapter_path.read_bytes()
+    file = store_job_weights(
+        rt.store, rt.settings, base_model=job.base_model or "", weights=result.adapter_path
     )
-    stored = rt.store.put_bytes(data, prefix="adapters", suffix=".safetensors")
-    with unit_of_work(rt.session_factory) as session:
+    with transaction(rt.session_factory) as session:
         started = session.scalar(select(Job.started_at).where(Job.id == job.id)) or utcnow()
-        duration = (utcnow() - started).total_seconds()
         metrics = {
             "final_loss": result.final_loss,
             "steps": result.steps,
-            "duration_s": round(duration, 3),
+            "duration_s": round((utcnow() - started).total_seconds(), 3),
             "validation": callbacks.validation,
         }
-        version = publish_version(
+        version = publish_job_version(
             session,
-            tenant_id=job.tenant_id,
-            adapter_name=job.adapter_name or "",
-            base_model=job.base_model or "",
-            source="job",
-            stored=stored,
-            job_id=job.id,
-            rank=config.rank,
-            alpha=config.lora_alpha,
-            target_modules=list(config.unet_target_modules),
+            rt.settings,
+            job=job,
+            stored=file.stored,
             trainable_params=result.trainable_params.total,
+            metrics=metrics,
             lineage={
-                "dataset_id": dataset.id,
-                "dataset_sha256": dataset.sha256,
-                "base_model": job.base_model,
-                "base_model_source": source,
-                "hyperparameters": hyperparameters,
                 "trainable_params": {
                     "unet": result.trainable_params.unet,
                     "text_encoder": result.trainable_params.text_encoder,
                 },
             },
-            metrics=metrics,
         )
         done = lifecycle.finish_job(
             session,
@@ -323,8 +322,8 @@ def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
                 "adapter_name": job.adapter_name,
                 "version": version.version,
                 "adapter_version_id": version.id,
-                "sha256": stored.sha256,
-                "size_bytes": stored.size,
+                "sha256": file.stored.sha256,
+                "size_bytes": file.stored.size,
                 "trainable_params": result.trainable_params.total,
                 "resumed_from_step": result.resumed_from_step,
                 **metrics,

@@ -10,7 +10,9 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Query, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 
-from service.adapters import service
+from lorafile import AdapterErrorCode, AdapterLintError
+from service import publishing
+from service.adapters import aliases, downloads, imports, promotion, refs, views
 from service.adapters.schemas import (
     AdapterList,
     AdapterOut,
@@ -19,11 +21,12 @@ from service.adapters.schemas import (
     AliasPut,
     DownloadFormat,
     ImportedVersionOut,
+    LintReportOut,
     PromotedVersionOut,
 )
 from service.deps import AppSettings, Caller, Paging, Store, UoW
-from service.idempotency import IdempotencyKeyHeader, IdempotentRequest, request_hash
-from service.problems import ServiceError
+from service.errors import PayloadTooLarge, ServiceError, Unprocessable, UnsupportedMediaType
+from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader, IdempotentRequest
 
 router = APIRouter(tags=["adapters"])
 
@@ -33,7 +36,6 @@ VersionSelector = Annotated[
 ]
 AliasName = Annotated[str, Path(max_length=100, description="lowercase a-z 0-9 . _ -")]
 IMPORT_SCOPE = "POST /adapters/import"
-REPLAYED_HEADER = "Idempotent-Replayed"
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -45,7 +47,7 @@ def list_adapters_route(
     base_model: Annotated[str | None, Query(max_length=200)] = None,
     prefix: Annotated[str | None, Query(max_length=100, description="name prefix")] = None,
 ) -> AdapterList:
-    rows, has_more = service.list_adapters(
+    rows, has_more = views.list_adapters(
         uow.session,
         tenant_id=caller.tenant_id,
         limit=page.limit,
@@ -59,17 +61,17 @@ def list_adapters_route(
 @router.get("/adapters/{name}", operation_id="get_adapter", response_model=AdapterOut)
 def get_adapter_route(name: AdapterName, uow: UoW, caller: Caller) -> AdapterOut:
     """One adapter: its versions, aliases and alias history (newest first)."""
-    adapter = service.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
-    return service.adapter_view(uow.session, adapter)
+    adapter = refs.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
+    return views.adapter_view(uow.session, adapter)
 
 
 @router.delete("/adapters/{name}", operation_id="delete_adapter", status_code=204)
 def delete_adapter_route(name: AdapterName, uow: UoW, caller: Caller, store: Store) -> Response:
     """Delete an adapter with its versions and aliases (409 while a job trains into it)."""
-    adapter = service.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
-    keys = service.delete_adapter(uow.session, adapter=adapter)
+    adapter = refs.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
+    keys = aliases.delete_adapter(uow.session, adapter=adapter)
     uow.commit()
-    service.discard_unreferenced(uow.session, store, keys)
+    publishing.discard_unreferenced(uow.session, store, keys)
     return Response(status_code=204)
 
 
@@ -82,9 +84,9 @@ def get_version_route(
     name: AdapterName, version: VersionSelector, uow: UoW, caller: Caller
 ) -> AdapterVersionOut:
     """Version metadata and lineage; ``version`` is a number or an alias."""
-    adapter = service.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
-    row = service.resolve_version(uow.session, adapter=adapter, selector=version)
-    return service.version_view(uow.session, adapter, row)
+    adapter = refs.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
+    row = refs.resolve_version(uow.session, adapter=adapter, selector=version)
+    return views.version_view(uow.session, adapter, row)
 
 
 @router.delete(
@@ -101,13 +103,13 @@ def delete_version_route(
     ] = False,
 ) -> Response:
     """Delete a version; ``latest`` moves back to the newest remaining one."""
-    adapter = service.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
-    row = service.resolve_version(uow.session, adapter=adapter, selector=version)
-    key = service.delete_version(
+    adapter = refs.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
+    row = refs.resolve_version(uow.session, adapter=adapter, selector=version)
+    key = aliases.delete_version(
         uow.session, adapter=adapter, version=row, force=force, actor=caller.key_id
     )
     uow.commit()
-    service.discard_unreferenced(uow.session, store, [key])
+    publishing.discard_unreferenced(uow.session, store, [key])
     return Response(status_code=204)
 
 
@@ -175,9 +177,9 @@ def download_version_route(
 
     ``ETag`` is the sha256 of the bytes served; ``If-None-Match`` and ``Range`` work.
     """
-    adapter = service.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
-    row = service.resolve_version(uow.session, adapter=adapter, selector=version)
-    served = service.download_file(store, adapter=adapter, version=row, fmt=fmt)
+    adapter = refs.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
+    row = refs.resolve_version(uow.session, adapter=adapter, selector=version)
+    served = downloads.download_file(store, adapter=adapter, version=row, fmt=fmt)
     etag = f'"{served.sha256}"'
     headers = {
         "ETag": etag,
@@ -224,63 +226,77 @@ def import_adapter_route(
 ) -> ImportedVersionOut:
     """Lint a LoRA file against the base model, convert it to the canonical diffusers form and
     publish it as the adapter's next version. The lint report comes back either way."""
-    data = service.read_upload(file.file, max_bytes=service.import_upload_cap(settings))
-    keyed: IdempotentRequest | None = None
-    if idempotency_key:
-        keyed = IdempotentRequest(
-            tenant_id=caller.tenant_id,
-            scope=IMPORT_SCOPE,
-            key=idempotency_key,
-            request_hash=request_hash(
-                {
-                    "name": name,
-                    "base_model": base_model,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            ),
-        )
+    try:
+        data = imports.read_upload(file.file, max_bytes=imports.import_upload_cap(settings))
+    except AdapterLintError as exc:
+        raise lint_problem(exc) from None
+    keyed = IdempotentRequest.of(
+        tenant_id=caller.tenant_id,
+        scope=IMPORT_SCOPE,
+        key=idempotency_key,
+        payload={
+            "name": name,
+            "base_model": base_model,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+    )
+    if keyed is not None:
         first = keyed.find(uow.session)
         if first is not None:
             response.headers[REPLAYED_HEADER] = "true"
             return _imported_view(uow, caller.tenant_id, first)
-    imported = service.import_adapter(
-        uow.session,
-        store=store,
-        settings=settings,
-        tenant_id=caller.tenant_id,
-        name=name,
-        base_model=base_model,
-        data=data,
-        filename=file.filename,
-        actor=caller.key_id,
-    )
+    try:
+        imported = imports.import_adapter(
+            uow.session,
+            store=store,
+            settings=settings,
+            tenant_id=caller.tenant_id,
+            name=name,
+            base_model=base_model,
+            data=data,
+            filename=file.filename,
+            actor=caller.key_id,
+        )
+    except AdapterLintError as exc:
+        raise lint_problem(exc) from None
     new_keys = [imported.file.stored.key] if imported.file.created else []
     try:
         if keyed is not None:
             winner = keyed.remember(uow.session, resource_id=imported.version.id)
             if winner != imported.version.id:
                 # A concurrent request with the same key committed first; ours is rolled back.
-                service.discard_unreferenced(uow.session, store, new_keys)
+                publishing.discard_unreferenced(uow.session, store, new_keys)
                 response.headers[REPLAYED_HEADER] = "true"
                 return _imported_view(uow, caller.tenant_id, winner)
         view = ImportedVersionOut(
-            **service.version_view(uow.session, imported.adapter, imported.version).model_dump(),
-            report=service.stored_report(imported.version),
+            **views.version_view(uow.session, imported.adapter, imported.version).model_dump(),
+            report=views.stored_report(imported.version),
         )
         uow.commit()
     except BaseException:
         uow.session.rollback()
-        service.discard_unreferenced(uow.session, store, new_keys)
+        publishing.discard_unreferenced(uow.session, store, new_keys)
         raise
     return view
 
 
+def lint_problem(error: AdapterLintError) -> ServiceError:
+    """The problem+json for a refused adapter file, with the lint report under ``report``."""
+    extra = {"report": LintReportOut(**error.report.to_dict()).model_dump(mode="json")}
+    status_class: type[ServiceError] = Unprocessable
+    if error.code == AdapterErrorCode.TOO_LARGE:
+        status_class = PayloadTooLarge
+    elif error.code == AdapterErrorCode.NOT_SAFETENSORS:
+        status_class = UnsupportedMediaType
+    return status_class(f"file: {error.message}", code=str(error.code), extra=extra)
+
+
 def _imported_view(uow: UoW, tenant_id: str, version_id: str) -> ImportedVersionOut:
-    version = service.get_version_by_id(uow.session, tenant_id=tenant_id, version_id=version_id)
-    adapter = service.adapter_of(uow.session, version)
+    version = refs.get_version_by_id(uow.session, tenant_id=tenant_id, version_id=version_id)
+    adapter = refs.adapter_of(uow.session, version)
     return ImportedVersionOut(
-        **service.version_view(uow.session, adapter, version).model_dump(),
-        report=service.stored_report(version),
+        **views.version_view(uow.session, adapter, version).model_dump(),
+        report=views.stored_report(version),
     )
 
 
@@ -291,8 +307,8 @@ def put_alias_route(
     name: AdapterName, alias: AliasName, body: AliasPut, uow: UoW, caller: Caller
 ) -> AliasOut:
     """Point an alias at a version (created or moved; the move is kept in the history)."""
-    adapter = service.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
-    row = service.set_alias(
+    adapter = refs.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
+    row = aliases.set_alias(
         uow.session, adapter=adapter, alias=alias, version=body.version, actor=caller.key_id
     )
     out = AliasOut.from_row(adapter, row)
@@ -304,8 +320,8 @@ def put_alias_route(
     "/adapters/{name}/aliases/{alias}", operation_id="delete_adapter_alias", status_code=204
 )
 def delete_alias_route(name: AdapterName, alias: AliasName, uow: UoW, caller: Caller) -> Response:
-    adapter = service.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
-    service.delete_alias(uow.session, adapter=adapter, alias=alias, actor=caller.key_id)
+    adapter = refs.get_adapter(uow.session, tenant_id=caller.tenant_id, name=name)
+    aliases.delete_alias(uow.session, adapter=adapter, alias=alias, actor=caller.key_id)
     uow.commit()
     return Response(status_code=204)
 
@@ -331,7 +347,7 @@ def promote_checkpoint_route(
 
     Promoting the same checkpoint again answers 200 with the version made the first time.
     """
-    promoted = service.promote_checkpoint(
+    promoted = promotion.promote_checkpoint(
         uow.session,
         store=store,
         settings=settings,
@@ -345,13 +361,13 @@ def promote_checkpoint_route(
     )
     try:
         view = PromotedVersionOut(
-            **service.version_view(uow.session, promoted.adapter, promoted.version).model_dump(),
+            **views.version_view(uow.session, promoted.adapter, promoted.version).model_dump(),
             created=promoted.created,
         )
         uow.commit()
     except BaseException:
         uow.session.rollback()
-        service.discard_unreferenced(uow.session, store, new_keys)
+        publishing.discard_unreferenced(uow.session, store, new_keys)
         raise
     if not promoted.created:
         response.status_code = 200

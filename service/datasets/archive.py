@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from service.datasets.limits import DatasetLimits, DatasetRejected
+from service.config import DatasetLimits
+from service.datasets.limits import DatasetRejected
 
 _READ_CHUNK = 256 * 1024
 _EOCD = struct.Struct("<4s4H2LH")
@@ -79,6 +80,34 @@ class SafeArchive:
         data, _ = self._read(member, stop_after=size, head_only=True)
         return data[:size]
 
+    def _check_caps(self, member: ArchiveMember, *, produced: int, ratio_base: int) -> None:
+        """413 once an entry, or the archive, has decompressed past one of its caps."""
+        limits = self._limits
+        if produced > limits.max_file_bytes:
+            raise DatasetRejected(
+                413,
+                "file_too_large",
+                f"entry {member.path!r} decompresses to more than "
+                f"max_file_bytes={limits.max_file_bytes} (its header declares "
+                f"{member.declared_size} bytes)",
+            )
+        if self.uncompressed_bytes > limits.max_total_bytes:
+            raise DatasetRejected(
+                413,
+                "total_too_large",
+                f"the archive decompresses to more than max_total_bytes={limits.max_total_bytes}",
+            )
+        if (
+            produced >= limits.compression_ratio_min_bytes
+            and produced / ratio_base > limits.max_compression_ratio
+        ):
+            raise DatasetRejected(
+                413,
+                "compression_ratio_exceeded",
+                f"entry {member.path!r} expands more than "
+                f"max_compression_ratio={limits.max_compression_ratio:g} times",
+            )
+
     def _read(
         self, member: ArchiveMember, *, stop_after: int, head_only: bool = False
     ) -> tuple[bytes, bool]:
@@ -98,31 +127,7 @@ class SafeArchive:
                         break
                     produced += len(chunk)
                     self.uncompressed_bytes += len(chunk)
-                    if produced > limits.max_file_bytes:
-                        raise DatasetRejected(
-                            413,
-                            "file_too_large",
-                            f"entry {member.path!r} decompresses to more than "
-                            f"max_file_bytes={limits.max_file_bytes} (its header declares "
-                            f"{member.declared_size} bytes)",
-                        )
-                    if self.uncompressed_bytes > limits.max_total_bytes:
-                        raise DatasetRejected(
-                            413,
-                            "total_too_large",
-                            "the archive decompresses to more than "
-                            f"max_total_bytes={limits.max_total_bytes}",
-                        )
-                    if (
-                        produced >= limits.compression_ratio_min_bytes
-                        and produced / ratio_base > limits.max_compression_ratio
-                    ):
-                        raise DatasetRejected(
-                            413,
-                            "compression_ratio_exceeded",
-                            f"entry {member.path!r} expands more than "
-                            f"max_compression_ratio={limits.max_compression_ratio:g} times",
-                        )
+                    self._check_caps(member, produced=produced, ratio_base=ratio_base)
                     chunks.append(chunk)
                     if produced > stop_after:
                         return b"".join(chunks), False

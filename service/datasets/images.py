@@ -10,7 +10,7 @@ from typing import IO
 
 from PIL import Image, ImageOps
 
-from service.datasets.limits import DatasetLimits
+from service.config import DatasetLimits
 
 # Enough for every signature below, tar's "ustar" at offset 257 included.
 SNIFF_BYTES = 512

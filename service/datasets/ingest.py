@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.config import DatasetLimits
 from service.datasets.archive import ArchiveMember, SafeArchive, open_archive
 from service.datasets.images import (
     IMAGE_LIKE_EXTENSIONS,
@@ -43,7 +44,7 @@ from service.datasets.layouts import (
     parse_metadata,
     parse_sidecar,
 )
-from service.datasets.limits import DatasetLimits, DatasetRejected
+from service.datasets.limits import DatasetRejected
 from service.datasets.preflight import PreflightFindings, build_report
 
 MANIFEST_VERSION = 1
@@ -164,11 +165,45 @@ def _ingest_into(
         {"file": issue.file, "reason": issue.reason} for issue in assignment.issues
     )
 
-    images_dir = work_dir / _IMAGES
-    images_dir.mkdir()
+    items = _place_images(
+        staged,
+        work_dir=work_dir,
+        captions_by_path=assignment.captions_by_path,
+        findings=findings,
+        fixed_caption=fixed_caption,
+        trigger_word=trigger_word,
+    )
+    (work_dir / _STAGING).rmdir()
+    findings.uncompressed_bytes = archive.uncompressed_bytes
+
+    report = build_report(findings, limits=limits, count_tokens=count_tokens)
+    if not items:
+        raise DatasetRejected(
+            422,
+            "no_usable_pairs",
+            "the archive has no usable image-caption pair "
+            f"({report['counts']['images']} decodable images, "
+            f"{report['counts']['captions']} captions); see the report",
+            report=report,
+        )
+    manifest = {"version": MANIFEST_VERSION, "layout": report["layout"], "items": items}
+    return report, manifest
+
+
+def _place_images(
+    staged: list[_StagedImage],
+    *,
+    work_dir: Path,
+    captions_by_path: dict[str, list[str]],
+    findings: PreflightFindings,
+    fixed_caption: str | None,
+    trigger_word: str | None,
+) -> list[dict[str, Any]]:
+    """Move each captioned staged image to its numbered place; the manifest's items."""
+    (work_dir / _IMAGES).mkdir()
     items: list[dict[str, Any]] = []
     for image in staged:
-        file_captions = assignment.captions_by_path.get(image.source, [])
+        file_captions = captions_by_path.get(image.source, [])
         if not file_captions:
             findings.images_without_captions.append(image.source)
         captions = _final_captions(
@@ -191,21 +226,7 @@ def _ingest_into(
                 "sha256": image.sha256,
             }
         )
-    (work_dir / _STAGING).rmdir()
-    findings.uncompressed_bytes = archive.uncompressed_bytes
-
-    report = build_report(findings, limits=limits, count_tokens=count_tokens)
-    if not items:
-        raise DatasetRejected(
-            422,
-            "no_usable_pairs",
-            "the archive has no usable image-caption pair "
-            f"({report['counts']['images']} decodable images, "
-            f"{report['counts']['captions']} captions); see the report",
-            report=report,
-        )
-    manifest = {"version": MANIFEST_VERSION, "layout": report["layout"], "items": items}
-    return report, manifest
+    return items
 
 
 def _read_caption_sources(

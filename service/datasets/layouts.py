@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from service.datasets.limits import DatasetLimits
+from service.config import DatasetLimits
 
 SIDECAR_EXTENSIONS = frozenset({"txt", "caption"})
 METADATA_LAYOUTS: dict[str, str] = {

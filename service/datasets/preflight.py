@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from service.datasets.limits import DatasetLimits
+from service.config import DatasetLimits
 
 REPORT_SCHEMA_VERSION = 1
 CLIP_TOKEN_LIMIT = 77

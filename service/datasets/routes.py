@@ -20,8 +20,8 @@ from service.datasets.service import (
     spooled_upload,
 )
 from service.deps import AppSettings, Caller, Paging, Store, UoW
-from service.idempotency import IdempotencyKeyHeader
-from service.problems import UnsupportedMediaType
+from service.errors import UnsupportedMediaType
+from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
 
 router = APIRouter(tags=["datasets"])
 
@@ -87,7 +87,7 @@ async def create_dataset_route(
     created = await run_in_threadpool(create)
     response.headers["Location"] = f"/datasets/{created.dataset.id}"
     if created.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
+        response.headers[REPLAYED_HEADER] = "true"
     return DatasetOut.from_row(created.dataset)
 
 

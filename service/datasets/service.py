@@ -14,14 +14,15 @@ from typing import Any, BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.config import DatasetLimits
 from service.datasets.images import make_thumbnail
-from service.datasets.ingest import ingest_zip
-from service.datasets.limits import DatasetLimits, DatasetRejected, check_upload_size
+from service.datasets.ingest import IngestResult, ingest_zip
+from service.datasets.limits import DatasetRejected, check_upload_size
 from service.db import new_id
 from service.deps import UnitOfWork
-from service.idempotency import IdempotentRequest, request_hash
+from service.errors import Conflict, NotFound, ServiceError
+from service.idempotency import IdempotentRequest
 from service.models import ACTIVE_JOB_STATUSES, Dataset, DatasetStatus, Job
-from service.problems import Conflict, NotFound, ServiceError
 from service.storage import ArtifactStore
 
 CREATE_SCOPE = "POST /datasets"
@@ -58,16 +59,14 @@ class NewDataset:
     caption: str | None = None
     trigger_word: str | None = None
 
-    def request_hash(self, upload: SpooledUpload) -> str:
+    def idempotency_payload(self, upload: SpooledUpload) -> dict[str, str | None]:
         """What makes two uploads "the same request" for Idempotency-Key."""
-        return request_hash(
-            {
-                "name": self.name,
-                "caption": self.caption,
-                "trigger_word": self.trigger_word,
-                "file_sha256": upload.sha256,
-            }
-        )
+        return {
+            "name": self.name,
+            "caption": self.caption,
+            "trigger_word": self.trigger_word,
+            "file_sha256": upload.sha256,
+        }
 
 
 @dataclass(frozen=True)
@@ -122,15 +121,11 @@ def create_dataset(
     repeat of the same request answers the first dataset and stores nothing.
     """
     session = uow.session
-    idempotent = (
-        IdempotentRequest(
-            tenant_id=tenant_id,
-            scope=CREATE_SCOPE,
-            key=idempotency_key,
-            request_hash=request.request_hash(upload),
-        )
-        if idempotency_key is not None
-        else None
+    idempotent = IdempotentRequest.of(
+        tenant_id=tenant_id,
+        scope=CREATE_SCOPE,
+        key=idempotency_key,
+        payload=request.idempotency_payload(upload),
     )
     if idempotent is not None and (first_id := idempotent.find(session)) is not None:
         return DatasetCreation(_replayed(session, tenant_id=tenant_id, dataset_id=first_id), True)
@@ -150,20 +145,8 @@ def create_dataset(
     except DatasetRejected as exc:
         raise DatasetUploadRejected.from_rejection(exc) from exc
     try:
-        report = result.report
-        dataset = Dataset(
-            id=dataset_id,
-            tenant_id=tenant_id,
-            name=request.name,
-            status=DatasetStatus.READY.value,
-            sha256=result.sha256,
-            image_count=report["counts"]["images"],
-            caption_count=report["captions"]["count"],
-            pair_count=result.item_count,
-            total_bytes=result.total_bytes,
-            layout=report["layout"],
-            report=report,
-            storage_key=storage_key,
+        dataset = _dataset_row(
+            result, dataset_id=dataset_id, tenant_id=tenant_id, name=request.name
         )
         session.add(dataset)
         session.flush()
@@ -179,6 +162,24 @@ def create_dataset(
         store.delete(storage_key)
         raise
     return DatasetCreation(dataset, False)
+
+
+def _dataset_row(result: IngestResult, *, dataset_id: str, tenant_id: str, name: str) -> Dataset:
+    report = result.report
+    return Dataset(
+        id=dataset_id,
+        tenant_id=tenant_id,
+        name=name,
+        status=DatasetStatus.READY.value,
+        sha256=result.sha256,
+        image_count=report["counts"]["images"],
+        caption_count=report["captions"]["count"],
+        pair_count=result.item_count,
+        total_bytes=result.total_bytes,
+        layout=report["layout"],
+        report=report,
+        storage_key=f"{DATASETS_PREFIX}/{dataset_id}",
+    )
 
 
 def _replayed(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset:

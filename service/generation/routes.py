@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.db import new_id
 from service.deps import AppSettings, Caller, Store, UoW
+from service.errors import NotFound, ServiceUnavailable, Unprocessable, field_error
 from service.generation.retries import OpenAIRetries
 from service.generation.schemas import (
     GenerateOut,
@@ -20,20 +21,17 @@ from service.generation.schemas import (
     OpenAIImageRequest,
     OpenAIImagesResponse,
 )
-from service.generation.service import create_generation_job, generation_answer, get_image
+from service.generation.service import (
+    create_generation_job,
+    failed_job_problem,
+    generation_answer,
+    get_image,
+)
 from service.idempotency import IdempotencyKeyHeader, create_once
 from service.jobs.schemas import JobOut
 from service.jobs.service import get_job
-from service.models import FINAL_JOB_STATUSES, Job, JobKind, JobStatus
+from service.models import FINAL_JOB_STATUSES, Job, JobStatus
 from service.notify import DoneListener, wait_for
-from service.problems import (
-    NotFound,
-    ServiceError,
-    ServiceUnavailable,
-    Unprocessable,
-    field_error,
-)
-from service.queue import GENERATE_QUEUE
 from service.storage import ArtifactStore
 
 router = APIRouter(tags=["generation"])
@@ -87,13 +85,7 @@ async def _run(
             payload=body.model_dump(mode="json"),
             create=create,
         )
-        if is_new:
-            uow.after_commit(
-                lambda: uow.sender.send_job(
-                    job_id=job_id, kind=JobKind.GENERATE.value, queue=GENERATE_QUEUE
-                )
-            )
-        uow.commit()
+        uow.commit()  # sends the new job's task
         return job_id, made[0] if is_new else None
 
     def read() -> Job:
@@ -187,12 +179,7 @@ async def generate_route(
         # Already a validated GenerateOut: serialize it once, without FastAPI validating it again.
         return Response(answer.model_dump_json(), media_type="application/json")
     if job.status == JobStatus.FAILED.value:
-        raise ServiceError(
-            f"generation failed: {job.error_message}",
-            status=500 if job.error_code == "internal_error" else 422,
-            code=job.error_code or "generation_failed",
-            extra={"job_id": job.id},
-        )
+        raise failed_job_problem(job)
     return JSONResponse(
         JobOut.from_row(job).model_dump(mode="json"),
         status_code=202,
@@ -284,12 +271,7 @@ async def openai_images_route(
             raise NotFound(f"model {body.model!r}: {exc.detail}", code="model_not_found") from None
         raise
     if job.status == JobStatus.FAILED.value:
-        raise ServiceError(
-            f"generation failed: {job.error_message}",
-            code=job.error_code or "generation_failed",
-            status=422,
-            extra={"job_id": job.id},
-        )
+        raise failed_job_problem(job)
     if job.status != JobStatus.SUCCEEDED.value:
         # The SDK retries a 503 (after Retry-After); its retry waits for this same job.
         raise ServiceUnavailable(

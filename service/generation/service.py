@@ -3,38 +3,92 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import secrets
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.adapters.registry import check_base_model
-from service.adapters.service import resolve_ref
+from service import dispatch, lifecycle
+from service.adapters.refs import resolve_ref
 from service.base_models import local_folder, native_size, resolve_base_model
 from service.config import Settings
+from service.errors import NotFound, ServiceError, field_error
 from service.generation.schemas import (
     GenerateOut,
     GenerateRequest,
     ImageOut,
     ResolvedAdapter,
 )
-from service.jobs import dispatch, lifecycle
+from service.job_params import AdapterUse, GenerateParams, GenerationSpec
 from service.models import Image, Job, JobKind
-from service.problems import NotFound, ServiceError, field_error
 from service.queue import GENERATE_QUEUE
+from service.registry import check_base_model
 from service.storage import ArtifactStore
 
 
-def _limit(field: str, value: float, maximum: float, setting: str) -> None:
+def _limit(
+    settings: Settings, field: str, value: float, setting: str, *, maximum: float | None = None
+) -> None:
+    """422 when ``value`` is over ``setting`` (or over ``maximum`` derived from it)."""
+    maximum = getattr(settings, setting) if maximum is None else maximum
     if value > maximum:
         raise field_error(
             field,
             f"{value} is over the limit {maximum} (LORASTACK_{setting.upper()})",
             code="limit_exceeded",
         )
+
+
+def _check_limits(
+    settings: Settings, body: GenerateRequest, *, width: int, height: int, native: int
+) -> None:
+    """422 naming the first field over its configured limit."""
+    _limit(settings, "prompt", len(body.prompt), "generate_max_prompt_chars")
+    if body.negative_prompt:
+        _limit(settings, "negative_prompt", len(body.negative_prompt), "generate_max_prompt_chars")
+    _limit(settings, "num_inference_steps", body.num_inference_steps, "generate_max_steps")
+    _limit(settings, "num_images", body.num_images, "generate_max_images")
+    _limit(settings, "adapters", len(body.adapters), "generate_max_adapters")
+    _limit(settings, "width", width, "generate_max_side")
+    _limit(settings, "height", height, "generate_max_side")
+    _limit(settings, "width", width * height, "generate_max_pixels")
+    # Relative to the model's native size too: cost grows with pixels (a tiny model asked for
+    # 2048 px kept a worker busy for many minutes), see docs/architecture.md, admission.
+    max_side = int(native * settings.generate_max_side_factor)
+    for field, value in (("width", width), ("height", height)):
+        _limit(settings, field, value, "generate_max_side_factor", maximum=max_side)
+    max_pixels = int(native * native * settings.generate_max_pixels_factor)
+    _limit(settings, "width", width * height, "generate_max_pixels_factor", maximum=max_pixels)
+
+
+def _resolve_adapters(
+    session: Session, *, tenant_id: str, base_model: str, body: GenerateRequest
+) -> list[AdapterUse]:
+    """Each requested ref resolved to the version it names now; 422 naming the bad one."""
+    adapters: list[AdapterUse] = []
+    seen: set[str] = set()
+    for index, item in enumerate(body.adapters):
+        field = f"adapters.{index}.ref"
+        try:
+            adapter, version = resolve_ref(session, tenant_id=tenant_id, ref=item.ref)
+        except ServiceError as exc:
+            raise field_error(field, exc.detail, code=exc.code) from None
+        check_base_model(adapter, base_model, field=field)
+        if version.id in seen:
+            raise field_error(field, f"{item.ref!r} is listed twice", code="duplicate_adapter")
+        seen.add(version.id)
+        adapters.append(
+            AdapterUse(
+                ref=item.ref,
+                name=adapter.name,
+                version=version.version,
+                version_id=version.id,
+                storage_key=version.storage_key,
+                sha256=version.sha256,
+                weight=item.weight,
+            )
+        )
+    return adapters
 
 
 def create_generation_job(
@@ -50,85 +104,20 @@ def create_generation_job(
     folder = local_folder(source)
     side = (native_size(folder) if folder else None) or 512
     width, height = body.width or side, body.height or side
-    _limit(
-        "prompt", len(body.prompt), settings.generate_max_prompt_chars, "generate_max_prompt_chars"
+    _check_limits(settings, body, width=width, height=height, native=side)
+    adapters = _resolve_adapters(session, tenant_id=tenant_id, base_model=base_model, body=body)
+    spec = GenerationSpec(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        width=width,
+        height=height,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        num_images=body.num_images,
+        scheduler=body.scheduler,
     )
-    if body.negative_prompt:
-        _limit(
-            "negative_prompt",
-            len(body.negative_prompt),
-            settings.generate_max_prompt_chars,
-            "generate_max_prompt_chars",
-        )
-    _limit(
-        "num_inference_steps",
-        body.num_inference_steps,
-        settings.generate_max_steps,
-        "generate_max_steps",
-    )
-    _limit("num_images", body.num_images, settings.generate_max_images, "generate_max_images")
-    _limit("adapters", len(body.adapters), settings.generate_max_adapters, "generate_max_adapters")
-    _limit("width", width, settings.generate_max_side, "generate_max_side")
-    _limit("height", height, settings.generate_max_side, "generate_max_side")
-    _limit("width", width * height, settings.generate_max_pixels, "generate_max_pixels")
-    # Relative to the model's native size: a tiny model asked for 2048 px would keep a worker
-    # busy for many minutes (docs/architecture.md, admission by cost).
-    max_side = int(side * settings.generate_max_side_factor)
-    _limit("width", width, max_side, "generate_max_side_factor")
-    _limit("height", height, max_side, "generate_max_side_factor")
-    _limit(
-        "width",
-        width * height,
-        int(side * side * settings.generate_max_pixels_factor),
-        "generate_max_pixels_factor",
-    )
-
-    adapters: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for index, item in enumerate(body.adapters):
-        try:
-            adapter, version = resolve_ref(session, tenant_id=tenant_id, ref=item.ref)
-        except ServiceError as exc:
-            raise field_error(f"adapters.{index}.ref", exc.detail, code=exc.code) from None
-        check_base_model(adapter, base_model, field=f"adapters.{index}.ref")
-        if version.id in seen:
-            raise field_error(
-                f"adapters.{index}.ref", f"{item.ref!r} is listed twice", code="duplicate_adapter"
-            )
-        seen.add(version.id)
-        adapters.append(
-            {
-                "ref": item.ref,
-                "name": adapter.name,
-                "version": version.version,
-                "version_id": version.id,
-                "storage_key": version.storage_key,
-                "sha256": version.sha256,
-                "weight": item.weight,
-            }
-        )
-    seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-    request = {
-        "prompt": body.prompt,
-        "negative_prompt": body.negative_prompt,
-        "num_inference_steps": body.num_inference_steps,
-        "guidance_scale": body.guidance_scale,
-        "width": width,
-        "height": height,
-        "seed": seed,
-        "num_images": body.num_images,
-        "scheduler": body.scheduler,
-    }
-    # Jobs with equal batch keys can share one pipeline call in the worker.
-    shape = {
-        k: request[k]
-        for k in ("num_inference_steps", "guidance_scale", "width", "height", "scheduler")
-    }
-    batch_key = hashlib.sha256(
-        json.dumps(
-            [base_model, shape, [(a["version_id"], a["weight"]) for a in adapters]], sort_keys=True
-        ).encode()
-    ).hexdigest()[:32]
+    params = GenerateParams.build(base_model=base_model, request=spec, adapters=adapters)
     dispatch.check_queued_quota(
         session, settings=settings, tenant_id=tenant_id, kind=JobKind.GENERATE.value
     )
@@ -139,7 +128,7 @@ def create_generation_job(
         queue=GENERATE_QUEUE,
         max_attempts=settings.job_max_attempts,
         base_model=base_model,
-        params={"request": request, "adapters": adapters, "batch_key": batch_key},
+        params=params.to_json(),
         job_id=job_id,
     )
 
@@ -166,18 +155,34 @@ def generation_answer(
         else:
             image.url = f"{base_url}images/{entry['id']}"
         images.append(image)
-    params = job.params
+    params = GenerateParams.model_validate(job.params)
     return GenerateOut(
         job_id=job.id,
         status=job.status,
         base_model=job.base_model or "",
         images=images,
         adapters=[
-            ResolvedAdapter(ref=a["ref"], name=a["name"], version=a["version"], weight=a["weight"])
-            for a in params.get("adapters", [])
+            ResolvedAdapter(ref=a.ref, name=a.name, version=a.version, weight=a.weight)
+            for a in params.adapters
         ],
-        seed=params["request"]["seed"],
+        seed=params.request.seed,
         timings=result.get("timings", {}),
+    )
+
+
+# A failed generation job answers with the status its error code calls for; any other code
+# means the request could not be rendered as asked.
+FAILED_JOB_STATUS: dict[str, int] = {"internal_error": 500}
+
+
+def failed_job_problem(job: Job) -> ServiceError:
+    """The problem+json a route answers for a generation job that failed."""
+    code = job.error_code or "generation_failed"
+    return ServiceError(
+        f"generation failed: {job.error_message}",
+        status=FAILED_JOB_STATUS.get(code, 422),
+        code=code,
+        extra={"job_id": job.id},
     )
 
 

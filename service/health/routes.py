@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
-from service.db import utcnow
 from service.deps import Caller, UoW
-from service.models import Worker
+from service.fleet import live_workers
 
 router = APIRouter(tags=["health"])
 
@@ -36,15 +35,6 @@ class WorkerOut(BaseModel):
 class WorkerList(BaseModel):
     data: list[WorkerOut]
     has_more: bool = False
-
-
-def live_workers(session: Session, settings: Settings) -> list[Worker]:
-    cutoff = utcnow() - timedelta(seconds=settings.worker_stale_s)
-    return list(
-        session.scalars(
-            select(Worker).where(Worker.heartbeat_at >= cutoff).order_by(Worker.id)
-        ).all()
-    )
 
 
 @router.get("/healthz", operation_id="healthz")

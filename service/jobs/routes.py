@@ -12,9 +12,10 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from service import lifecycle
 from service.deps import AppSettings, Caller, Paging, UoW
 from service.idempotency import IdempotencyKeyHeader, create_once
-from service.jobs import lifecycle, training
+from service.jobs import training
 from service.jobs.schemas import JobEventList, JobEventOut, JobList, JobOut
 from service.jobs.service import get_job, list_events, list_jobs
 from service.jobs.training_schemas import (
@@ -24,7 +25,7 @@ from service.jobs.training_schemas import (
     TrainJobCreate,
 )
 from service.models import FINAL_JOB_STATUSES, Checkpoint, Dataset, JobKind, JobStatus
-from service.queue import QUEUES, TASK_PING, TRAIN_QUEUE
+from service.queue import QUEUES
 
 router = APIRouter(tags=["jobs"])
 
@@ -108,12 +109,7 @@ async def create_job_route(
             ),
         )
         if created:
-            uow.after_commit(
-                lambda: uow.sender.send_job(
-                    job_id=job_id, kind=JobKind.TRAIN.value, queue=TRAIN_QUEUE
-                )
-            )
-            uow.commit()
+            uow.commit()  # sends the new job's task
         job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
         return JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
 
@@ -231,10 +227,8 @@ async def ping_route(
             queue=queue,
             max_attempts=1,
         )
-        job_id = job.id
-        uow.after_commit(lambda: uow.sender.send(TASK_PING, job_id=job_id, queue=queue))
-        uow.commit()
-        return job_id
+        uow.commit()  # sends its task
+        return job.id
 
     job_id = await run_in_threadpool(create)
     deadline = time.monotonic() + wait

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.errors import NotFound
 from service.models import Job, JobEvent
-from service.problems import NotFound
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:

@@ -10,19 +10,21 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.adapters.registry import check_base_model
+from service import dispatch, lifecycle
 from service.base_models import linear_module_names, local_folder, missing_targets
 from service.base_models import resolve_base_model as resolve_model
 from service.config import Settings
 from service.datasets.service import get_dataset
-from service.health.routes import live_workers
-from service.jobs import dispatch, lifecycle
+from service.errors import NotFound, ServiceUnavailable, Unprocessable, field_error
+from service.fleet import live_workers
+from service.job_params import TrainParams
 from service.jobs.training_schemas import TrainingPlanOut, TrainJobCreate
 from service.models import Adapter, Dataset, Job, JobKind
-from service.problems import NotFound, ServiceUnavailable, Unprocessable, field_error
 from service.queue import TRAIN_QUEUE
+from service.registry import check_base_model
 
-PLANNER_MODULE = "workers.plan_cli"
+# The `lorastack plan` command, run through this interpreter: the planner needs torch.
+PLANNER_COMMAND = (sys.executable, "-m", "lorastack.cli", "plan")
 
 
 def validate_training_request(
@@ -102,10 +104,9 @@ def create_training_job(
         dataset_id=dataset.id,
         base_model=base_model,
         adapter_name=body.adapter_name,
-        params={
-            "hyperparameters": body.hyperparameters.resolved(),
-            "dataset_sha256": dataset.sha256,
-        },
+        params=TrainParams(
+            hyperparameters=body.hyperparameters.resolved(), dataset_sha256=dataset.sha256
+        ).model_dump(mode="json"),
     )
 
 
@@ -127,7 +128,7 @@ def plan_training(
     }
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", PLANNER_MODULE],
+            list(PLANNER_COMMAND),
             input=json.dumps(request),
             capture_output=True,
             text=True,

@@ -2,7 +2,7 @@
 
 The worker's engine validates the same settings again (it is usable without the API); this
 schema is what clients see in the OpenAPI document and what answers 422 before anything is
-queued.
+queued. A test holds its fields, defaults and presets equal to the trainer's config.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.job_params import DEFAULT_MAX_STEPS, unet_targets
+from service.registry import ADAPTER_NAME_PATTERN
+
 TargetPreset = Literal["attn", "cross-attn-qkv"]
-ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 
 
 class Hyperparameters(BaseModel):
@@ -64,19 +66,14 @@ class Hyperparameters(BaseModel):
         return self
 
     def unet_targets(self) -> tuple[str, ...]:
-        presets = {
-            "attn": ("to_q", "to_k", "to_v", "to_out.0"),
-            "cross-attn-qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-        }
-        if isinstance(self.target_modules, str):
-            return presets[self.target_modules]
-        return tuple(self.target_modules)
+        """UNet module-name suffixes that receive LoRA layers."""
+        return unet_targets(self.target_modules)
 
     def resolved(self) -> dict[str, Any]:
         """Every setting with its default filled in (what lineage records)."""
         data = self.model_dump()
         if data["max_steps"] is None and data["epochs"] is None:
-            data["max_steps"] = 1000
+            data["max_steps"] = DEFAULT_MAX_STEPS
         return data
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
+from tests.fixtures.random_lora import RandomLoraSpec, RandomLoraWriter
 from workers.engine.model_builder import build_pipeline_folder
 
 # The adapters the tests use: different ranks, alphas, targets (Linear and 1x1 Conv2d), text

@@ -12,6 +12,7 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.utils import is_scipy_available
 
+from lorafile import canonical_file_bytes
 from tests.engine.conftest_inference import (
     fresh_pipeline,
     lora_files,
@@ -21,6 +22,7 @@ from tests.engine.conftest_inference import (
     single_cpu_thread,
     tiny_pipeline_dir,
 )
+from tests.fixtures.random_lora import RandomLoraSpec, RandomLoraWriter
 from workers.engine.inference import (
     SCHEDULER_NAMES,
     AdapterFormatError,
@@ -29,7 +31,6 @@ from workers.engine.inference import (
     InferenceEngine,
     load_lora_file,
 )
-from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
 
 __all__ = ["fresh_pipeline", "lora_files", "lora_writer", "single_cpu_thread", "tiny_pipeline_dir"]
 
@@ -183,6 +184,27 @@ def test_alpha_comes_from_metadata_or_defaults_to_rank(lora_files: dict[str, Pat
     assert {m.scaling for m in without.modules.values()} == {1.0}
     assert with_metadata.target_modules("text_encoder")
     assert without.max_rank == 8
+
+
+def test_the_canonical_file_the_service_stores_loads_like_the_trained_one(
+    engine: InferenceEngine, lora_files: dict[str, Path], tiny_pipeline_dir: Path, tmp_path: Path
+) -> None:
+    """Stored versions are lorafile's canonical form: same modules, scales and images."""
+    trained = lora_files["b"]
+    stored = tmp_path / "canonical.safetensors"
+    stored.write_bytes(
+        canonical_file_bytes(trained, base_model_dir=tiny_pipeline_dir, base_model="tiny")
+    )
+    original, canonical = load_lora_file(trained), load_lora_file(stored)
+    assert canonical.modules.keys() == original.modules.keys()
+    for key, module in canonical.modules.items():
+        assert module.scaling == original.modules[key].scaling == 4 / 8
+        torch.testing.assert_close(module.lora_A, original.modules[key].lora_A, rtol=0, atol=0)
+        torch.testing.assert_close(module.lora_B, original.modules[key].lora_B, rtol=0, atol=0)
+
+    from_trained = engine.generate(_request([AdapterRef("trained-b", trained, 1.0)]))
+    from_stored = engine.generate(_request([AdapterRef("stored-b", stored, 1.0)]))
+    torch.testing.assert_close(from_stored.latents, from_trained.latents, rtol=0, atol=0)
 
 
 def test_unservable_adapters_are_rejected(

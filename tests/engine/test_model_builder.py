@@ -51,7 +51,7 @@ def test_sd15_config_is_the_full_architecture() -> None:
 def test_init_model_sd15_loads_with_from_pretrained(tmp_path: Path) -> None:
     out = tmp_path / "sd15"
     subprocess.run(
-        [sys.executable, "-m", "service.cli", "init-model", "--preset", "sd15", str(out)],
+        [sys.executable, "-m", "lorastack.cli", "init-model", "--preset", "sd15", str(out)],
         check=True,
         env=os.environ.copy(),
     )

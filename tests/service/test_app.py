@@ -84,7 +84,7 @@ def test_list_pages_with_after_and_has_more(client: TestClient, auth: dict[str, 
 
 def test_importing_the_api_does_not_import_torch() -> None:
     code = (
-        "import sys, service.app, service.cli, service.openapi; "
+        "import sys, service.app, lorastack.cli, service.openapi; "
         "service.app.create_app(); "
         "print(sorted(m for m in ('torch','diffusers','peft','transformers') if m in sys.modules))"
     )

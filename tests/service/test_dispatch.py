@@ -14,20 +14,20 @@ from sqlalchemy import update
 
 from service.app import create_app
 from service.auth import get_or_create_tenant
-from service.db import unit_of_work, utcnow
-from service.jobs import dispatch, lifecycle
+from service.db import transaction, utcnow
+from service import dispatch, lifecycle
 from service.models import Job
 from tests.conftest import Stack, new_tenant_headers
 from tests.service.test_app import assert_problem
 
 
 def _tenant(stack: Stack) -> str:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         return get_or_create_tenant(session, f"fair-{secrets.token_hex(4)}").id
 
 
 def _queue_jobs(stack: Stack, tenant_id: str, count: int, *, base_model: str) -> list[str]:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         return [
             lifecycle.create_job(
                 session,
@@ -42,7 +42,7 @@ def _queue_jobs(stack: Stack, tenant_id: str, count: int, *, base_model: str) ->
 
 def _lease_next(stack: Stack, base_model: str, max_running: int | None = None) -> str | None:
     """What a worker does on a message: pick fairly, lease, and finish the job at once."""
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         job_id = dispatch.next_fair_job(
             session, kind="generate", base_model=base_model, max_running=max_running
         )
@@ -56,7 +56,7 @@ def _lease_next(stack: Stack, base_model: str, max_running: int | None = None) -
 def _finish(stack: Stack, job_id: str) -> None:
     from service.models import JobStatus
 
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         lifecycle.finish_job(session, job_id=job_id, owner="w:1", status=JobStatus.SUCCEEDED)
 
 
@@ -101,7 +101,7 @@ def test_fewest_running_first_and_the_running_cap(stack: Stack) -> None:
 def test_jobs_without_a_message_are_resent_oldest_first(stack: Stack) -> None:
     tenant_id = _tenant(stack)
     queue = f"q-{secrets.token_hex(4)}"
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         ids = [
             lifecycle.create_job(session, tenant_id=tenant_id, kind="generate", queue=queue).id
             for _ in range(4)

@@ -10,10 +10,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.auth import get_or_create_tenant
-from service.db import new_id, unit_of_work
+from service.db import new_id, transaction
+from service.errors import Unprocessable
 from service.idempotency import IdempotentRequest, request_hash
 from service.models import Dataset, IdempotencyKey
-from service.problems import Unprocessable
 from tests.conftest import Stack
 
 SCOPE = "POST /things"
@@ -21,7 +21,7 @@ SCOPE = "POST /things"
 
 @pytest.fixture
 def tenant_id(stack: Stack) -> str:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         return get_or_create_tenant(session, f"idem-{secrets.token_hex(4)}").id
 
 
@@ -48,7 +48,7 @@ def test_request_hash_is_canonical() -> None:
 
 def test_first_request_then_repeat_then_other_body(stack: Stack, tenant_id: str) -> None:
     first = _request(tenant_id, "k1", {"n": 1})
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         assert first.find(session) is None
         resource_id = _resource(session, tenant_id)
         assert first.remember(session, resource_id=resource_id) == resource_id
@@ -61,7 +61,7 @@ def test_first_request_then_repeat_then_other_body(stack: Stack, tenant_id: str)
 
 
 def test_keys_are_per_tenant_and_per_scope(stack: Stack, tenant_id: str) -> None:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         other_tenant = get_or_create_tenant(session, f"idem-{secrets.token_hex(4)}").id
         request = _request(tenant_id, "shared", {"n": 1})
         request.remember(session, resource_id=_resource(session, tenant_id))
@@ -105,7 +105,7 @@ def test_concurrent_first_requests_answer_the_winners_resource(
 
 
 def test_concurrent_first_request_with_another_body_is_422(stack: Stack, tenant_id: str) -> None:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         first = _request(tenant_id, "race2", {"n": 1})
         first.remember(session, resource_id=_resource(session, tenant_id))
     with stack.session_factory() as session:
@@ -118,7 +118,7 @@ def test_concurrent_first_request_with_another_body_is_422(stack: Stack, tenant_
 
 
 def test_other_integrity_errors_are_not_swallowed(stack: Stack, tenant_id: str) -> None:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         taken_id = _resource(session, tenant_id)
     with stack.session_factory() as session:
         session.add(

@@ -6,15 +6,15 @@ import secrets
 
 from sqlalchemy import select
 
+from service import lifecycle
 from service.auth import get_or_create_tenant
-from service.db import unit_of_work
-from service.jobs import lifecycle
+from service.db import transaction
 from service.models import Job, JobEvent, JobStatus
 from tests.conftest import Stack
 
 
 def _tenant(stack: Stack) -> str:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         return get_or_create_tenant(session, f"t-{secrets.token_hex(4)}").id
 
 
@@ -24,7 +24,7 @@ def _columns(job: Job) -> dict[str, object]:
 
 def test_a_created_job_is_the_committed_row_with_its_first_event(stack: Stack) -> None:
     tenant_id = _tenant(stack)
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         job = lifecycle.create_job(
             session, tenant_id=tenant_id, kind="ping", queue="generate", params={"a": [1, 2]}
         )
@@ -42,17 +42,17 @@ def test_a_created_job_is_the_committed_row_with_its_first_event(stack: Stack) -
 
 def test_lease_and_finish_move_the_row_and_number_their_events(stack: Stack) -> None:
     tenant_id = _tenant(stack)
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         ids = [
             lifecycle.create_job(session, tenant_id=tenant_id, kind="ping", queue="generate").id
             for _ in range(3)
         ]
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         leased = lifecycle.take_leases(session, job_ids=ids[:2], owner="w1", lease_s=60)
         assert sorted(j.id for j in leased) == ids[:2] and {j.attempts for j in leased} == {1}
         # Taken jobs can't be taken again; the third still can.
         assert lifecycle.take_leases(session, job_ids=ids, owner="w2", lease_s=60)[0].id == ids[2]
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         failed = lifecycle.finish_job(
             session,
             job_id=ids[0],
@@ -88,9 +88,9 @@ def test_lease_and_finish_move_the_row_and_number_their_events(stack: Stack) -> 
 
 def test_an_applied_outcome_is_the_committed_row_and_writes_nothing(stack: Stack) -> None:
     tenant_id = _tenant(stack)
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         job = lifecycle.create_job(session, tenant_id=tenant_id, kind="ping", queue="generate")
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         assert lifecycle.take_lease(session, job_id=job.id, owner="w", lease_s=60) is not None
         outcome = lifecycle.finish_job(
             session,
@@ -111,7 +111,7 @@ def test_an_applied_outcome_is_the_committed_row_and_writes_nothing(stack: Stack
         committed = (row.status, row.result, row.finished_at, row.error_code)
     assert (job.status, job.result, job.finished_at, job.error_code) == committed
     # Finishing again is refused: the lease is gone.
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         assert (
             lifecycle.finish_job(session, job_id=job.id, owner="w", status=JobStatus.FAILED) is None
         )

@@ -14,8 +14,8 @@ from sqlalchemy import update
 
 from service.app import create_app
 from service.auth import hash_key
-from service.db import unit_of_work, utcnow
-from service.jobs.lifecycle import JobOutcome
+from service.db import transaction, utcnow
+from service.lifecycle import JobOutcome
 from service.models import ApiKey
 from service.notify import DoneListener, channel, publish_done, wait_for
 from tests.conftest import Stack, new_tenant_headers
@@ -65,7 +65,7 @@ def test_a_revoked_key_stops_working_within_the_cache_ttl(stack: Stack) -> None:
         headers = new_tenant_headers(stack)
         with TestClient(create_app(settings)) as client:
             assert client.get("/jobs", headers=headers).status_code == 200
-            with unit_of_work(stack.session_factory) as session:
+            with transaction(stack.session_factory) as session:
                 session.execute(
                     update(ApiKey)
                     .where(ApiKey.key_hash == hash_key(headers["Authorization"].split()[1]))

@@ -42,7 +42,7 @@ def test_production_refuses_embedded_defaults(tmp_path: Path) -> None:
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "lorastack.cli", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -15,9 +15,9 @@ from diffusers import StableDiffusionPipeline
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.adapters.registry import publish_version
 from service.auth import authenticate
-from service.db import unit_of_work
+from service.db import transaction
+from service.registry import publish_version
 from tests.conftest import Stack, wait_for
 from tests.service.test_app import assert_problem
 
@@ -26,7 +26,7 @@ SETTINGS = {"num_inference_steps": 3, "guidance_scale": 5.0, "width": 64, "heigh
 
 @pytest.fixture(scope="module")
 def lora_files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from workers.engine.inference.random_lora import RandomLoraSpec, RandomLoraWriter
+    from tests.fixtures.random_lora import RandomLoraSpec, RandomLoraWriter
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     writer = RandomLoraWriter(pipe)
@@ -38,7 +38,7 @@ def lora_files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def publish(stack: Stack, auth: dict[str, str], name: str, path: Path) -> None:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         principal = authenticate(session, auth["Authorization"].split()[1])
         assert principal is not None
         store = stack.settings

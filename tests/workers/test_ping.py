@@ -7,9 +7,9 @@ import subprocess
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from service import lifecycle
 from service.auth import authenticate
-from service.db import unit_of_work
-from service.jobs import lifecycle
+from service.db import transaction
 from service.models import JobEvent
 from service.queue import TASK_PING
 from tests.conftest import Stack
@@ -62,7 +62,7 @@ def test_cancelled_queued_job_never_runs(
     client: TestClient, auth: dict[str, str], stack: Stack, worker: subprocess.Popen[bytes]
 ) -> None:
     # A queued job whose message is still on its way (a busy queue): cancel it first.
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         principal = authenticate(session, auth["Authorization"].split()[1])
         assert principal is not None
         job_id = lifecycle.create_job(

@@ -8,9 +8,9 @@ from datetime import timedelta
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from service import lifecycle
 from service.auth import authenticate
-from service.db import unit_of_work, utcnow
-from service.jobs import lifecycle
+from service.db import transaction, utcnow
 from service.models import Job, JobEvent
 from tests.conftest import Stack, wait_for
 
@@ -24,7 +24,7 @@ def _tenant(stack: Stack, auth: dict[str, str]) -> str:
 
 def _orphan(stack: Stack, auth: dict[str, str], *, attempts: int, max_attempts: int) -> str:
     """A ping job 'running' on a worker that died: its lease expired a while ago."""
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         job = lifecycle.create_job(
             session,
             tenant_id=_tenant(stack, auth),

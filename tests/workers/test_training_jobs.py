@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
+from service import lifecycle
 from service.auth import authenticate
-from service.db import unit_of_work
-from service.jobs import lifecycle
+from service.db import transaction
 from service.models import AdapterVersion, Dataset, Job
 from service.queue import TASK_TRAIN
 from tests.conftest import Stack, upload_dataset, wait_for
@@ -233,7 +233,7 @@ def test_cancel_running_job_stops_within_a_step(
 
 
 def _queue_raw_job(stack: Stack, auth: dict[str, str], **fields: Any) -> str:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         principal = authenticate(session, auth["Authorization"].split()[1])
         assert principal is not None
         job = lifecycle.create_job(
@@ -253,7 +253,7 @@ def test_deleted_dataset_and_missing_base_model_fail_clearly(
 ) -> None:
     dataset_id = upload_dataset(client, auth, count=2)
     gone = _queue_raw_job(stack, auth, dataset_id=dataset_id, base_model="tiny")
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         session.execute(update(Dataset).where(Dataset.id == dataset_id).values(status="deleted"))
     no_model = _queue_raw_job(
         stack, auth, dataset_id=upload_dataset(client, auth, count=2), base_model="not-configured"

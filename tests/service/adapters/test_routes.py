@@ -21,9 +21,13 @@ from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
 from sqlalchemy import func, select
 
-from service.adapters.service import read_upload, resolve_ref
+from lorafile import AdapterLintError
+from service.adapters.imports import read_upload
+from service.adapters.refs import resolve_ref
+from service.adapters.routes import lint_problem
 from service.auth import authenticate
-from service.db import unit_of_work
+from service.db import transaction
+from service.errors import NotFound, PayloadTooLarge, Unprocessable
 from service.models import (
     Adapter,
     AdapterAlias,
@@ -34,9 +38,8 @@ from service.models import (
     JobKind,
     JobStatus,
 )
-from service.problems import NotFound, PayloadTooLarge, Unprocessable
 from tests.conftest import Stack, upload_dataset, wait_for
-from tests.service.adapters.conftest import (
+from tests.fixtures.lora_sources import (
     UNET_ALPHA,
     UNET_RANK,
     Pipeline,
@@ -341,10 +344,12 @@ def test_bad_files_are_refused_with_a_report_and_nothing_is_stored(
 
 
 def test_an_oversized_upload_is_refused_while_it_is_read() -> None:
-    with pytest.raises(PayloadTooLarge) as caught:
+    with pytest.raises(AdapterLintError) as caught:
         read_upload(io.BytesIO(bytes(3 << 20)), max_bytes=2 << 20)
-    assert caught.value.code == "too_large"
-    assert caught.value.extra["report"]["errors"]
+    problem = lint_problem(caught.value)
+    assert isinstance(problem, PayloadTooLarge)
+    assert problem.code == "too_large"
+    assert problem.extra["report"]["errors"]
     assert read_upload(io.BytesIO(b"12345"), max_bytes=5) == b"12345"
 
 
@@ -361,7 +366,7 @@ def test_import_validates_name_and_base_model(
     )
     assert body["errors"][0]["field"] == "base_model"
     imported(client, auth, data, name="on-tiny")
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         adapter = session.scalar(select(Adapter).where(Adapter.name == "on-tiny"))
         assert adapter is not None
         adapter.base_model = "sd15"  # as if it had been made for another base model
@@ -469,7 +474,7 @@ def test_aliases_move_with_history_and_refs_resolve(
         json={"version": prod_moves[0]["from_version"]},
     )
     assert rollback.json()["version"] == 1
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         tenant_id = session.scalar(select(Adapter.tenant_id).where(Adapter.id == adapter["id"]))
         assert tenant_id is not None
         for ref, expected in [("aliased", 3), ("aliased@2", 2), ("aliased@prod", 1)]:
@@ -561,7 +566,7 @@ def test_delete_adapter_waits_for_its_training_job(
     client: TestClient, auth: Headers, source_lora: SourceLora, stack: Stack
 ) -> None:
     imported(client, auth, source_lora.path.read_bytes(), name="doomed")
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         tenant_id = session.scalar(select(Adapter.tenant_id).where(Adapter.name == "doomed"))
         job = Job(
             tenant_id=tenant_id,
@@ -578,7 +583,7 @@ def test_delete_adapter_waits_for_its_training_job(
         client.delete("/adapters/doomed", headers=auth), 409, "adapter_in_training"
     )
     assert conflict["job_id"] == job_id
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         row = session.get(Job, job_id)
         assert row is not None
         row.status = JobStatus.CANCELLED.value

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.datasets.limits import DatasetLimits
+from service.config import DatasetLimits
 
 _CENTRAL_SIGNATURE = b"PK\x01\x02"
 

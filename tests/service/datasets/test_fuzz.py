@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from service.config import DatasetLimits
 from service.datasets.ingest import ingest_zip
-from service.datasets.limits import DatasetLimits, DatasetRejected
+from service.datasets.limits import DatasetRejected
 from tests.service.datasets.conftest import image_bytes, zip_bytes
 
 _IMAGES = [image_bytes(seed) for seed in range(3)]

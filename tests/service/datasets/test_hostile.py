@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from service.config import DatasetLimits
 from service.datasets.ingest import ingest_zip
-from service.datasets.limits import DatasetLimits, DatasetRejected, check_upload_size
+from service.datasets.limits import DatasetRejected, check_upload_size
 from tests.service.datasets.conftest import (
     assert_nothing_stored,
     image_bytes,

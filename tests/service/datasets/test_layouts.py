@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from service.config import DatasetLimits
 from service.datasets.ingest import canonical_json, ingest_zip
-from service.datasets.limits import DatasetLimits, DatasetRejected
+from service.datasets.limits import DatasetRejected
 from tests.service.datasets.conftest import image_bytes, write_zip
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from service.config import DatasetLimits
 from service.datasets.ingest import ingest_zip
-from service.datasets.limits import DatasetLimits
 from service.datasets.preflight import CLIP_TOKEN_LIMIT, clip_token_estimate
 from tests.service.datasets.conftest import image_bytes, write_zip
 

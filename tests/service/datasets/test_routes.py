@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service.app import create_app
 from service.auth import get_or_create_tenant
-from service.datasets.limits import DatasetLimits
+from service.config import DatasetLimits
 from service.datasets.service import (
     DatasetCreation,
     DatasetUploadRejected,
@@ -28,7 +28,7 @@ from service.datasets.service import (
     create_dataset,
     spooled_upload,
 )
-from service.db import unit_of_work
+from service.db import transaction
 from service.deps import UnitOfWork
 from service.models import Dataset, IdempotencyKey, Job, JobStatus
 from service.storage import ArtifactStore
@@ -415,7 +415,7 @@ def test_list_pages_newest_first(client: TestClient, auth: dict[str, str]) -> No
 
 
 def _tenant(stack: Stack) -> str:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         return get_or_create_tenant(session, f"ds-{secrets.token_hex(4)}").id
 
 
@@ -424,7 +424,7 @@ def _create_directly(
 ) -> DatasetCreation:
     """create_dataset with the app's own store and sessions, as the route calls it."""
     state = client.app.state  # type: ignore[attr-defined]
-    uow = UnitOfWork(session=state.session_factory(), sender=state.sender)
+    uow = UnitOfWork(session=state.session_factory())
     limits = DatasetLimits()
     try:
         with spooled_upload(io.BytesIO(data), store=state.store, limits=limits) as upload:

@@ -1,6 +1,6 @@
 """Inference: one shared Stable Diffusion pipeline with LoRA adapters hot-swapped in slots.
 
-- ``lora_file``: diffusers LoRA safetensors -> ``LoraAdapterWeights`` (alpha from metadata).
+- ``lora_file``: a LoRA file parsed by ``lorafile`` -> ``LoraAdapterWeights`` (torch tensors).
 - ``slots``: ``LoraSlotPool``, the fixed pool of peft LoRA slots and the constant-time switch.
 - ``cache``: ``AdapterCache``, disk -> CPU -> device tiers with LRU eviction and pinning.
 - ``schedulers``: schedulers by name from the base scheduler config.
@@ -20,7 +20,6 @@ from workers.engine.inference.lora_file import (
     LoraAdapterWeights,
     LoraModuleWeights,
     load_lora_file,
-    parse_lora_state_dict,
 )
 from workers.engine.inference.schedulers import SCHEDULER_NAMES, make_scheduler
 from workers.engine.inference.slots import (
@@ -47,5 +46,4 @@ __all__ = [
     "ResidentAdapter",
     "load_lora_file",
     "make_scheduler",
-    "parse_lora_state_dict",
 ]

@@ -199,18 +199,6 @@ class AdapterCache:
             for tier in tiers:
                 self._drop(tier, key)
 
-    def tiers_of(self, key: str) -> set[Tier]:
-        """The tiers that hold ``key`` now."""
-        with self._lock:
-            held: set[Tier] = set()
-            if key in self._disk.entries:
-                held.add("disk")
-            if key in self._cpu.entries:
-                held.add("cpu")
-            if key in self._device.entries:
-                held.add("device")
-            return held
-
     def snapshot(self) -> CacheSnapshot:
         """What each tier holds (keys, bytes, pinned), oldest first, for the /workers endpoint."""
         with self._lock:

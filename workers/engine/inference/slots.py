@@ -171,18 +171,9 @@ class LoraSlotPool:
             )
 
     @property
-    def num_layers(self) -> int:
-        """How many LoRA layers the pool injected (over all components)."""
-        return len(self._layers)
-
-    @property
     def active(self) -> tuple[tuple[str, float], ...]:
         """The active adapters as (key, weight), in the order they were requested."""
         return self._active
-
-    def covers(self, component: str, module_name: str) -> bool:
-        """Whether a slot layer exists for the module."""
-        return self._layer_index(component, module_name) is not None
 
     def _layer_index(self, component: str, module_name: str) -> int | None:
         index = self._index.get((component, module_name))

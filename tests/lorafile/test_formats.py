@@ -20,22 +20,26 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
 
-from service.adapters.formats import (
+from lorafile import (
+    FORMATS,
+    LORASTACK_VERSION,
+    WRITERS,
     AdapterErrorCode,
     InvalidAdapterFile,
     SafetensorsFile,
     SafetensorsLimits,
-    kohya_module_name,
-    ldm_block_map,
+    canonicalize,
+    describe,
     parse_adapter,
+    read_base_model_layout,
     read_safetensors,
-    split_kohya_name,
-    summarize,
     to_kohya,
+    write_adapter,
     write_safetensors,
 )
-from service.adapters.lint import canonicalize, read_base_model_layout
-from tests.service.adapters.conftest import (
+from lorafile.formats.kohya import kohya_module_name
+from lorafile.naming import ldm_block_map, split_kohya_name
+from tests.fixtures.lora_sources import (
     TEXT_ALPHA,
     TEXT_RANK,
     TEXT_TARGETS,
@@ -51,7 +55,7 @@ from tests.service.adapters.conftest import (
 )
 from workers.engine.model_builder import TEXT_ENCODER_CONFIGS, UNET_CONFIGS
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 # Same weights, same scale: only float summation order may differ.
 ATOL = 1e-5
 
@@ -452,9 +456,9 @@ def test_peft_save_pretrained_file_imports(
     assert_same_output(load_output(tensors, metadata), expected)
 
 
-def test_summarize_canonical(source_lora: SourceLora, tiny_base_dir: Path) -> None:
+def test_describe_canonical(source_lora: SourceLora, tiny_base_dir: Path) -> None:
     tensors, metadata, _ = canonicalize(source_lora.path, base_model_dir=tiny_base_dir)
-    summary = summarize(SafetensorsFile(tensors, metadata))
+    summary = describe(parse_adapter(SafetensorsFile(tensors, metadata)))
     assert summary.rank == UNET_RANK
     assert summary.alpha == UNET_ALPHA
     assert summary.param_count == sum(v.numel() for v in source_lora.tensors.values())
@@ -463,11 +467,14 @@ def test_summarize_canonical(source_lora: SourceLora, tiny_base_dir: Path) -> No
     assert json.loads(metadata["lorastack_target_modules"]) == summary.target_modules
 
 
-def test_modules_import_without_torch() -> None:
+def test_lorafile_imports_no_torch_web_sql_or_settings() -> None:
+    """The kernel is pure: the API process and the engine both import it (fresh interpreter)."""
     code = (
         "import sys\n"
-        "import service.adapters.formats, service.adapters.lint\n"
-        "heavy = {'torch', 'diffusers', 'peft', 'transformers'} & set(sys.modules)\n"
+        "import lorafile, lorafile.lint, lorafile.base_layout, lorafile.formats\n"
+        "heavy = {'torch', 'diffusers', 'peft', 'transformers', 'fastapi', 'starlette',\n"
+        "         'sqlalchemy', 'pydantic', 'pydantic_settings', 'celery', 'service',\n"
+        "         'workers'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
         "print('ok')\n"
     )
@@ -527,3 +534,46 @@ def test_ldm_block_map_follows_the_sd15_checkpoint_layout() -> None:
     assert mapping["output_blocks.5.2"] == ("up_blocks.1.upsamplers.0", "upsampler")
     assert mapping["output_blocks.11.1"] == ("up_blocks.3.attentions.2", "attention")
     assert "output_blocks.11.2" not in mapping
+
+
+def test_every_writer_in_the_table_reads_back_as_its_own_format(
+    source_lora: SourceLora, tiny_base_dir: Path
+) -> None:
+    tensors, metadata, _ = canonicalize(source_lora.path, base_model_dir=tiny_base_dir)
+    adapter = parse_adapter(SafetensorsFile(tensors, metadata))
+    assert set(WRITERS) == {"diffusers", "kohya"}
+    for name in WRITERS:
+        written, header = write_adapter(adapter, name, base_model="tiny")
+        assert header["lorastack_format"] == name
+        assert header["lorastack_version"] == LORASTACK_VERSION
+        again = parse_adapter(read_safetensors(write_safetensors(written, header)))
+        assert again.format == name
+        assert again.modules.keys() == adapter.modules.keys()
+        for module_name, module in again.modules.items():
+            assert (module.rank, module.alpha) == (
+                adapter.modules[module_name].rank,
+                adapter.modules[module_name].alpha,
+            )
+            np.testing.assert_array_equal(module.down, adapter.modules[module_name].down)
+
+
+def test_detection_takes_the_first_format_of_the_table_that_claims_a_key() -> None:
+    down, up = np.ones((2, 4), "f4"), np.ones((4, 2), "f4")
+    module = "unet.mid_block.attentions.0.proj_in"
+    # peft's looser test (".lora_A." anywhere) claims these keys too; diffusers comes first.
+    assert FORMATS["peft"].claims(f"{module}.lora_A.weight")
+    assert list(FORMATS).index("diffusers") < list(FORMATS).index("peft")
+    file = SafetensorsFile({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up}, {})
+    assert parse_adapter(file).format == "diffusers"
+    mixed = SafetensorsFile(
+        {"lora_unet_conv_in.lora_down.weight": down, f"{module}.lora_B.weight": up}, {}
+    )
+    with pytest.raises(InvalidAdapterFile) as caught:
+        parse_adapter(mixed)
+    assert caught.value.code == AdapterErrorCode.UNKNOWN_FORMAT
+
+
+def test_written_version_is_the_installed_lorastack_version() -> None:
+    from service import __version__ as service_version
+
+    assert service_version == LORASTACK_VERSION

@@ -9,11 +9,11 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import select
 
-from service.adapters import registry
+from service import registry
 from service.auth import authenticate, create_api_key
-from service.db import unit_of_work
+from service.db import transaction
+from service.errors import Unprocessable
 from service.models import Adapter, AdapterAliasEvent, AdapterVersion
-from service.problems import Unprocessable
 from service.storage import StoredObject
 from tests.conftest import Stack
 
@@ -22,7 +22,7 @@ STORED = StoredObject(key="adapters/0.safetensors", sha256="0" * 64, size=1)
 
 @pytest.fixture
 def tenant_id(stack: Stack) -> str:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         secret = create_api_key(session, tenant_name=f"registry-{secrets.token_hex(4)}")
         principal = authenticate(session, secret)
         assert principal is not None
@@ -30,7 +30,7 @@ def tenant_id(stack: Stack) -> str:
 
 
 def publish(stack: Stack, tenant_id: str, name: str) -> int:
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         version = registry.publish_version(
             session,
             tenant_id=tenant_id,
@@ -105,7 +105,7 @@ def test_removing_versions_moves_latest_back_and_keeps_history(
 ) -> None:
     for _ in range(3):
         publish(stack, tenant_id, "shrinking")
-    with unit_of_work(stack.session_factory) as session:
+    with transaction(stack.session_factory) as session:
         adapter = session.scalar(
             select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == "shrinking")
         )

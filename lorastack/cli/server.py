@@ -1,7 +1,8 @@
-"""The ``lorastack`` command: serve, worker, keys, init-model, migrate.
+"""Server-side commands of ``lorastack``: serve, worker, keys, init-model, plan, migrate.
 
-The serve process runs the API (uvicorn) and so never imports torch; the tiny model is
-built and the worker runs in child processes.
+This is the composition root: it may import both ``service`` and ``workers`` (each lazily, in
+the command that needs it). The serve process runs the API (uvicorn) and so never imports
+torch; the tiny model is built and the worker runs in child processes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pydantic import ValidationError
 
 from service.config import Settings, SettingsError, get_settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Child processes run this same command line through the current interpreter.
+CLI_MODULE = "lorastack.cli"
 
 
 def fail(message: str) -> NoReturn:
@@ -97,7 +100,7 @@ def ensure_tiny_model(settings: Settings) -> None:
         [
             sys.executable,
             "-m",
-            "service.cli",
+            CLI_MODULE,
             "init-model",
             "--preset",
             "tiny",
@@ -110,12 +113,12 @@ def ensure_tiny_model(settings: Settings) -> None:
 def dev_api_key(settings: Settings) -> str:
     """The embedded default's key, kept in the data dir so every serve prints the same one."""
     from service.auth import authenticate, create_api_key
-    from service.db import make_engine, make_session_factory, unit_of_work
+    from service.db import make_engine, make_session_factory, transaction
 
     key_file = settings.data_dir / "api_key"
     engine = make_engine(settings.resolved_database_url)
     try:
-        with unit_of_work(make_session_factory(engine)) as session:
+        with transaction(make_session_factory(engine)) as session:
             if key_file.exists():
                 secret = key_file.read_text().strip()
                 if authenticate(session, secret) is not None:
@@ -165,16 +168,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         key = dev_api_key(settings)
         if not args.no_worker:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "worker", "--log-level", args.log_level],
+                [sys.executable, "-m", CLI_MODULE, "worker", "--log-level", args.log_level],
                 env=child_env(settings),
                 start_new_session=True,  # Ctrl-C reaches us; we stop the worker in order
             )
-        url = f"http://{args.host}:{args.port}"
-        print(f"lorastack serving on {url}", flush=True)
-        print(f"  database: {_redact(settings.resolved_database_url)}", flush=True)
-        print(f"  redis:    {settings.broker_url}", flush=True)
-        print(f"  try:      curl -H 'Authorization: Bearer {key}' {url}/readyz", flush=True)
-        print(f"API key: {key}", flush=True)
+        _print_banner(settings, url=f"http://{args.host}:{args.port}", key=key)
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(settings),
@@ -186,16 +184,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
         server.run()  # returns on SIGINT/SIGTERM after a graceful shutdown
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)  # Celery warm shutdown
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        if worker is not None:
+            _stop_worker(worker)
         if embedded is not None:
             embedded.stop()
         print("lorastack stopped", flush=True)
+
+
+def _print_banner(settings: Settings, *, url: str, key: str) -> None:
+    print(f"lorastack serving on {url}", flush=True)
+    print(f"  database: {_redact(settings.resolved_database_url)}", flush=True)
+    print(f"  redis:    {settings.broker_url}", flush=True)
+    print(f"  try:      curl -H 'Authorization: Bearer {key}' {url}/readyz", flush=True)
+    print(f"API key: {key}", flush=True)
+
+
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)  # Celery warm shutdown
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -228,12 +239,12 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
     from service.auth import create_api_key
-    from service.db import make_engine, make_session_factory, unit_of_work
+    from service.db import make_engine, make_session_factory, transaction
 
     settings = load_settings()
     check_database(settings)
     engine = make_engine(settings.resolved_database_url)
-    with unit_of_work(make_session_factory(engine)) as session:
+    with transaction(make_session_factory(engine)) as session:
         secret = create_api_key(session, tenant_name=args.tenant, name=args.name)
     engine.dispose()
     print(f"created an API key for tenant {args.tenant!r} (shown once; store it now):")
@@ -257,10 +268,17 @@ def cmd_migrate(_: argparse.Namespace) -> None:
     print("database is at the latest migration")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorastack", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_plan(_: argparse.Namespace) -> None:
+    """Plan a training run: a JSON request on stdin, one JSON line out (the API's dry run)."""
+    import json
 
+    from workers.planning import plan_from_request
+
+    print(json.dumps(plan_from_request(json.loads(sys.stdin.read()))))
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the server-side commands to the ``lorastack`` parser."""
     serve = sub.add_parser("serve", help="API + one worker (+ embedded Redis / SQLite by default)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -287,15 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("dir")
     init.set_defaults(func=cmd_init_model)
 
+    plan = sub.add_parser(
+        "plan", help="plan a training run: JSON request on stdin, the plan as JSON on stdout"
+    )
+    plan.set_defaults(func=cmd_plan)
+
     mig = sub.add_parser("migrate", help="alembic upgrade head on the configured database")
     mig.set_defaults(func=cmd_migrate)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,11 +12,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import utcnow
+from service.errors import field_error
 from service.models import Adapter, AdapterAlias, AdapterAliasEvent, AdapterVersion
-from service.problems import field_error
 from service.storage import StoredObject
 
 LATEST: Final = "latest"
+# Adapter names: lowercase, 1-100 of a-z 0-9 . _ -, starting with a letter or digit.
+ADAPTER_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 # Lowercase, not purely numeric (a number in a ref means a version), never ``latest``.
 ALIAS_PATTERN: Final = re.compile(r"^[a-z0-9._-]{1,100}$")
 

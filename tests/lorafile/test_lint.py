@@ -10,20 +10,18 @@ import pytest
 import torch
 from safetensors.numpy import save as save_numpy
 
-from service.adapters.formats import (
+from lorafile import (
     AdapterErrorCode,
-    InvalidAdapterFile,
-    SafetensorsFile,
-    read_safetensors,
-)
-from service.adapters.lint import (
     AdapterLintError,
     BaseModelLayoutError,
+    InvalidAdapterFile,
+    LintReport,
+    SafetensorsFile,
     canonicalize,
-    lint_adapter,
     read_base_model_layout,
+    read_safetensors,
 )
-from tests.service.adapters.conftest import (
+from tests.fixtures.lora_sources import (
     TEXT_ALPHA,
     TEXT_RANK,
     UNET_ALPHA,
@@ -40,9 +38,15 @@ def source_file(source_lora: SourceLora) -> SafetensorsFile:
     return read_safetensors(source_lora.path)
 
 
+def lint_report(file: SafetensorsFile, base: Path) -> LintReport:
+    """The report of an import of ``file`` for the base model in ``base``."""
+    _, _, report = canonicalize(file, base_model_dir=base)
+    return report
+
+
 def lint_error(file: SafetensorsFile, base: Path) -> AdapterLintError:
     with pytest.raises(AdapterLintError) as caught:
-        lint_adapter(file, base_model_dir=base)
+        canonicalize(file, base_model_dir=base)
     return caught.value
 
 
@@ -59,7 +63,7 @@ def test_base_layout_comes_from_headers(tiny_base_dir: Path) -> None:
 def test_report_describes_a_clean_adapter(
     source_file: SafetensorsFile, tiny_base_dir: Path
 ) -> None:
-    report = lint_adapter(source_file, base_model_dir=tiny_base_dir)
+    report = lint_report(source_file, tiny_base_dir)
     assert report.format == "diffusers"
     assert report.alpha_source == "header_metadata"
     assert (report.rank, report.alpha) == (UNET_RANK, UNET_ALPHA)
@@ -215,7 +219,7 @@ def test_ldm_kohya_without_a_unet_config_is_reported(
     error = lint_error(SafetensorsFile(ldm, {}), base)
     assert error.code == AdapterErrorCode.NEEDS_UNET_CONFIG
 
-    report = lint_adapter(SafetensorsFile(ldm, {}), base_model_dir=tiny_base_dir)
+    report = lint_report(SafetensorsFile(ldm, {}), tiny_base_dir)
     assert report.format == "kohya_ldm"
     assert report.ranks == {"unet.mid_block.attentions.0.proj_in": 2}
 
@@ -233,6 +237,6 @@ def test_text_encoder_weights_saved_under_text_model_match_too(
     (base / "text_encoder" / "model.safetensors").write_bytes(
         save_numpy({f"text_model.{k}": v for k, v in text_weights.tensors.items()})
     )
-    report = lint_adapter(source_file, base_model_dir=base)
+    report = lint_report(source_file, base)
     assert report.unmatched_keys == []
     assert report.ranks["text_encoder.encoder.layers.1.mlp.fc1"] == TEXT_RANK

@@ -29,9 +29,9 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import utcnow
-from service.jobs.lifecycle import JOB_TABLE, RUNNING_STATES
+from service.errors import TooManyRequests
+from service.lifecycle import JOB_TABLE, RUNNING_STATES
 from service.models import JobStatus
-from service.problems import TooManyRequests
 
 _job = JOB_TABLE.c
 _QUEUED = JobStatus.QUEUED.value

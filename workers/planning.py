@@ -1,4 +1,4 @@
-"""Plan a training run from JSON on stdin; print one JSON line (the API's dry run runs this).
+"""Plan a training run from a JSON request (`lorastack plan`, which the API's dry run runs).
 
 Input: {"pipeline_dir": str, "hyperparameters": {...}, "num_items": int}. Output:
 {"plan": {...}} or {"error": {"field": str, "message": str}}.
@@ -6,13 +6,12 @@ Input: {"pipeline_dir": str, "hyperparameters": {...}, "num_items": int}. Output
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 
-def plan(request: dict[str, Any]) -> dict[str, Any]:
+def plan_from_request(request: dict[str, Any]) -> dict[str, Any]:
+    """The plan for one request, or the config error naming its field."""
     from workers.engine.training.config import TrainConfig
     from workers.engine.training.errors import ConfigError
     from workers.engine.training.plan import plan_training
@@ -46,11 +45,3 @@ def plan(request: dict[str, Any]) -> dict[str, Any]:
             },
         }
     }
-
-
-def main() -> None:
-    print(json.dumps(plan(json.loads(sys.stdin.read()))))
-
-
-if __name__ == "__main__":
-    main()

@@ -19,6 +19,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from service.db import new_id, utcnow
 from service.models import FINAL_JOB_STATUSES, Job, JobEvent, JobStatus
+from service.queue import enqueue_after_commit
 
 
 def _changed(session: Session, statement: Executable) -> int:
@@ -55,6 +56,7 @@ def create_job(
     job_id: str | None = None,
 ) -> Job:
     """Insert a queued job and its first event; returns the job, persistent in ``session``.
+    Its task is sent when the session commits.
 
     Every column is given here, so the rows go in as two Core INSERTs and the instance joins
     the session as already persistent, with nothing left to load or flush.
@@ -95,6 +97,7 @@ def create_job(
     )
     make_transient_to_detached(job)
     session.add(job)
+    enqueue_after_commit(session, job_id=job.id, kind=kind, queue=queue)
     return job
 
 
@@ -360,7 +363,7 @@ class Requeued:
 def reap_stale_jobs(session: Session, *, now: datetime | None = None) -> list[Requeued]:
     """Requeue running jobs whose lease expired (their worker died); fail those out of attempts.
 
-    Returns the jobs to send again; the caller sends them after committing.
+    Returns the requeued jobs; their tasks are sent again when the session commits.
     """
     now = now or utcnow()
     stale = session.scalars(
@@ -412,6 +415,7 @@ def reap_stale_jobs(session: Session, *, now: datetime | None = None) -> list[Re
         )
         if values["status"] == JobStatus.QUEUED.value:
             requeued.append(Requeued(job_id=job.id, queue=job.queue, kind=job.kind))
+            enqueue_after_commit(session, job_id=job.id, kind=job.kind, queue=job.queue)
     return requeued
 
 

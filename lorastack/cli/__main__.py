@@ -1,0 +1,5 @@
+"""``python -m lorastack.cli``: how the service starts its own child processes."""
+
+from lorastack.cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""Typed parameters of each job kind: written by the API when it creates a job, read back by
+the worker that runs it and by the routes that answer about it.
+
+A job row stores them as JSON (``job.params``); these models are the only code that knows that
+JSON's shape. Batch compatibility of generation jobs is defined here, once: ``batch_key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# The trainer's UNet target-module presets and default length, repeated here because the API
+# never imports the engine; tests/workers/test_hyperparameters_agree.py holds them equal.
+TARGET_MODULE_PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
+    "cross-attn-qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+}
+DEFAULT_MAX_STEPS = 1000
+
+
+def unet_targets(target_modules: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """UNet module-name suffixes of a ``target_modules`` setting (a preset name or a list)."""
+    if isinstance(target_modules, str):
+        return TARGET_MODULE_PRESETS[target_modules]
+    return tuple(target_modules)
+
+
+class TrainParams(_Params):
+    """A training job: every hyperparameter resolved, and the dataset's content hash."""
+
+    hyperparameters: dict[str, Any]
+    dataset_sha256: str | None = None
+
+    @property
+    def rank(self) -> int | None:
+        rank = self.hyperparameters.get("rank")
+        return int(rank) if rank is not None else None
+
+    @property
+    def alpha(self) -> float | None:
+        """The LoRA alpha in use: the rank when unset (scale 1)."""
+        alpha = self.hyperparameters.get("alpha") or self.rank
+        return float(alpha) if alpha is not None else None
+
+    @property
+    def unet_targets(self) -> list[str]:
+        try:
+            return list(unet_targets(self.hyperparameters.get("target_modules", "attn")))
+        except (KeyError, TypeError):
+            return []
+
+
+class GenerationSpec(_Params):
+    """What to render: the request with its defaults (size, seed) resolved."""
+
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int
+    num_images: int
+    scheduler: str
+
+
+class AdapterUse(_Params):
+    """One adapter of a generation, resolved to the version (and file) it names now."""
+
+    ref: str
+    name: str
+    version: int
+    version_id: str
+    storage_key: str
+    sha256: str
+    weight: float
+
+
+# The settings that make two generations share one pipeline call (besides the adapter set).
+BATCH_SHAPE_FIELDS = ("num_inference_steps", "guidance_scale", "width", "height", "scheduler")
+
+
+def batch_key(base_model: str, spec: GenerationSpec, adapters: list[AdapterUse]) -> str:
+    """Equal keys <=> the jobs can be denoised together: same base model, same shape, and the
+    same adapters at the same weights."""
+    shape = {name: getattr(spec, name) for name in BATCH_SHAPE_FIELDS}
+    material = [base_model, shape, [(a.version_id, a.weight) for a in adapters]]
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class GenerateParams(_Params):
+    """A generation job: the spec, its adapters, and the key of the batches it may join."""
+
+    request: GenerationSpec
+    adapters: list[AdapterUse]
+    batch_key: str
+
+    @classmethod
+    def build(
+        cls, *, base_model: str, request: GenerationSpec, adapters: list[AdapterUse]
+    ) -> GenerateParams:
+        return cls(
+            request=request,
+            adapters=adapters,
+            batch_key=batch_key(base_model, request, adapters),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
