@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from service import dispatch, lifecycle
 from service.app import create_app
 from service.auth import get_or_create_tenant
 from service.db import transaction, utcnow
-from service import dispatch, lifecycle
 from service.models import Job
 from tests.conftest import Stack, new_tenant_headers
 from tests.service.test_app import assert_problem
