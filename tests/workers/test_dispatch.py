@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -250,9 +251,7 @@ def test_cancel_stops_a_running_generation_and_frees_the_worker(
     client: TestClient, auth: dict[str, str], worker: subprocess.Popen[bytes]
 ) -> None:
     _warm(client, auth)
-    job_id, _ = _generate(
-        client, auth, num_inference_steps=150, width=128, height=128, num_images=4
-    )
+    job_id, _ = _generate(client, auth, num_inference_steps=150, width=64, height=64, num_images=4)
     wait_for(
         lambda: client.get(f"/jobs/{job_id}", headers=auth).json()["progress"].get("step", 0) >= 1,
         timeout=120,
@@ -275,7 +274,7 @@ def test_an_sdk_retry_waits_for_the_first_attempts_job(
 ) -> None:
     import openai
 
-    settings = stack.settings.model_copy(update={"openai_wait_s": 1.0})
+    settings = stack.settings.model_copy(update={"openai_wait_s": 0.5})
     with TestClient(create_app(settings)) as client:
         auth = new_tenant_headers(stack)
         _warm(client, auth)
@@ -283,23 +282,27 @@ def test_an_sdk_retry_waits_for_the_first_attempts_job(
             api_key=auth["Authorization"].split()[1],
             base_url="http://testserver/v1",
             http_client=client,
-            max_retries=10,
+            max_retries=40,
         )
         # Longer than the route's wait: the first attempt answers 503, the SDK retries.
         result = sdk.with_options(timeout=60).images.generate(
             model="tiny",
             prompt="a red square",
-            size="128x128",
-            extra_body={"num_inference_steps": 30},
+            size="64x64",
+            extra_body={"num_inference_steps": 20},
         )
         assert result.data and result.data[0].url
         jobs = client.get("/jobs?kind=generate", headers=auth).json()["data"]
         assert len(jobs) == 1 and jobs[0]["status"] == "succeeded"
+        took = datetime.fromisoformat(jobs[0]["finished_at"]) - datetime.fromisoformat(
+            jobs[0]["created_at"]
+        )
+        assert took.total_seconds() > 0.5  # so the answer came to a retry, not the first attempt
         # A deliberate repeat (a first attempt, not a retry) runs again.
         sdk.with_options(timeout=60).images.generate(
             model="tiny",
             prompt="a red square",
-            size="128x128",
-            extra_body={"num_inference_steps": 30},
+            size="64x64",
+            extra_body={"num_inference_steps": 20},
         )
         assert len(client.get("/jobs?kind=generate", headers=auth).json()["data"]) == 2
