@@ -2,6 +2,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY lorafile ./lorafile
+COPY lorastack ./lorastack
 COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations

@@ -27,6 +27,7 @@ from service.adapters.schemas import (
 from service.deps import AppSettings, Caller, Paging, Store, UoW
 from service.errors import PayloadTooLarge, ServiceError, Unprocessable, UnsupportedMediaType
 from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader, IdempotentRequest
+from service.storage import ArtifactStore
 
 router = APIRouter(tags=["adapters"])
 
@@ -228,24 +229,20 @@ def import_adapter_route(
     publish it as the adapter's next version. The lint report comes back either way."""
     try:
         data = imports.read_upload(file.file, max_bytes=imports.import_upload_cap(settings))
-    except AdapterLintError as exc:
-        raise lint_problem(exc) from None
-    keyed = IdempotentRequest.of(
-        tenant_id=caller.tenant_id,
-        scope=IMPORT_SCOPE,
-        key=idempotency_key,
-        payload={
-            "name": name,
-            "base_model": base_model,
-            "sha256": hashlib.sha256(data).hexdigest(),
-        },
-    )
-    if keyed is not None:
-        first = keyed.find(uow.session)
+        keyed = IdempotentRequest.of(
+            tenant_id=caller.tenant_id,
+            scope=IMPORT_SCOPE,
+            key=idempotency_key,
+            payload={
+                "name": name,
+                "base_model": base_model,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            },
+        )
+        first = keyed.find(uow.session) if keyed is not None else None
         if first is not None:
             response.headers[REPLAYED_HEADER] = "true"
             return _imported_view(uow, caller.tenant_id, first)
-    try:
         imported = imports.import_adapter(
             uow.session,
             store=store,
@@ -259,6 +256,19 @@ def import_adapter_route(
         )
     except AdapterLintError as exc:
         raise lint_problem(exc) from None
+    return _commit_import(uow, store, response, keyed=keyed, imported=imported)
+
+
+def _commit_import(
+    uow: UoW,
+    store: ArtifactStore,
+    response: Response,
+    *,
+    keyed: IdempotentRequest | None,
+    imported: imports.ImportedVersion,
+) -> ImportedVersionOut:
+    """Commit the imported version (or answer the concurrent first request with the same key);
+    a file this request added goes again when the commit fails."""
     new_keys = [imported.file.stored.key] if imported.file.created else []
     try:
         if keyed is not None:
@@ -267,7 +277,7 @@ def import_adapter_route(
                 # A concurrent request with the same key committed first; ours is rolled back.
                 publishing.discard_unreferenced(uow.session, store, new_keys)
                 response.headers[REPLAYED_HEADER] = "true"
-                return _imported_view(uow, caller.tenant_id, winner)
+                return _imported_view(uow, imported.version.tenant_id, winner)
         view = ImportedVersionOut(
             **views.version_view(uow.session, imported.adapter, imported.version).model_dump(),
             report=views.stored_report(imported.version),

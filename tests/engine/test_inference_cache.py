@@ -79,8 +79,12 @@ def _cache(
     )
 
 
+def _snapshot_keys(snapshot: CacheSnapshot, tier: str) -> list[str]:
+    return [entry["key"] for entry in snapshot[tier]["entries"]]
+
+
 def _keys(cache: AdapterCache, tier: str) -> list[str]:
-    return [entry["key"] for entry in cache.snapshot()[tier]["entries"]]
+    return _snapshot_keys(cache.snapshot(), tier)
 
 
 def test_steps_are_idempotent(pool: LoraSlotPool, store: Path, tmp_path: Path) -> None:
@@ -96,7 +100,7 @@ def test_steps_are_idempotent(pool: LoraSlotPool, store: Path, tmp_path: Path) -
     assert fetch.calls == ["k0"]
 
     snapshot = cache.snapshot()
-    holding = {t for t in ("disk", "cpu", "device") if _keys(snapshot, t) == ["k0"]}
+    holding = {t for t in ("disk", "cpu", "device") if _snapshot_keys(snapshot, t) == ["k0"]}
     assert holding == {"disk", "cpu", "device"}
     assert snapshot["cpu"]["entries"] == [{"key": "k0", "bytes": weights.nbytes, "pinned": False}]
     assert snapshot["device"]["bytes"] == resident.nbytes > 0
@@ -219,7 +223,3 @@ def test_memory_stays_flat_loading_and_evicting_100_adapters(
     assert all(snapshot[tier]["count"] == 0 for tier in ("disk", "cpu", "device"))
     assert 90 * adapter_bytes > 0.2 * before, "adapters too small for the test to mean anything"
     assert after <= before * 1.03, f"RSS grew from {before} to {after}"
-
-
-def _keys(snapshot: CacheSnapshot, tier: str) -> list[str]:
-    return [entry["key"] for entry in snapshot[tier]["entries"]]

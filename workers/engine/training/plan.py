@@ -145,11 +145,48 @@ def plan_training(
     config.json files; weights are not read), a UNet config.json, or a mapping, either a UNet
     config or ``{"unet": ..., "text_encoder": ..., "vae": ...}``.
     """
-    configs = _read_configs(pipeline_dir_or_config)
-    unet_config = configs["unet"]
-    assert unet_config is not None
+    models = _meta_models(_read_configs(pipeline_dir_or_config), config)
+    unet_flops, unet_activations = _unet_cost(models.unet, config)
+    te_flops, te_activations = _text_encoder_cost(models.text_encoder, config)
+    vae_flops, vae_transient = _vae_cost(models.vae, config)
+    memory = _memory_estimate(
+        models,
+        config,
+        activations=unet_activations + te_activations,
+        vae_transient=vae_transient,
+    )
+    tflops = assumed_tflops or ASSUMED_TFLOPS[config.mixed_precision]
+    samples = config.batch_size * config.gradient_accumulation_steps
+    step_flops = float((unet_flops + te_flops + vae_flops) * samples)
+    total_steps = (
+        config.total_steps(num_items=num_items or 0)
+        if num_items is not None or config.max_steps is not None
+        else None
+    )
+    return TrainingPlan(
+        trainable_params=models.trainable,
+        adapter_bytes=_adapter_bytes(models, config),
+        total_steps=total_steps,
+        memory=memory,
+        flops_per_step=step_flops,
+        assumed_tflops=tflops,
+        seconds_per_step=step_flops / (tflops * 1e12),
+    )
+
+
+@dataclass(frozen=True)
+class _MetaModels:
     # diffusers' models are untyped for mypy; Any keeps the attribute access honest at runtime.
     unet: Any
+    text_encoder: CLIPTextModel | None
+    vae: Any
+    trainable: TrainableParams
+
+
+def _meta_models(configs: dict[str, dict[str, Any] | None], config: TrainConfig) -> _MetaModels:
+    """The models on the meta device, with LoRA injected as the trainer does."""
+    unet_config = configs["unet"]
+    assert unet_config is not None
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(_public(unet_config))
         text_encoder = (
@@ -157,81 +194,76 @@ def plan_training(
             if configs["text_encoder"] is not None
             else None
         )
-        vae: Any = AutoencoderKL.from_config(_public(configs["vae"])) if configs["vae"] else None
+        vae = AutoencoderKL.from_config(_public(configs["vae"])) if configs["vae"] else None
         trainable = inject_lora(unet=unet, text_encoder=text_encoder, config=config)
+    return _MetaModels(unet=unet, text_encoder=text_encoder, vae=vae, trainable=trainable)
 
-    dtype_bytes = _DTYPE_BYTES[config.mixed_precision]
-    samples = config.batch_size * config.gradient_accumulation_steps
+
+def _unet_cost(unet: Any, config: TrainConfig) -> tuple[int, int]:
+    """(FLOPs per sample and step, fp32 bytes of activations kept for backward)."""
     latent_size = config.resolution // 8
-    cross_dim = unet.config.cross_attention_dim
     unet_inputs = (
         torch.empty(1, unet.config.in_channels, latent_size, latent_size, device="meta"),
         torch.zeros(1, dtype=torch.long, device="meta"),
-        torch.empty(1, _TOKENS, cross_dim, device="meta"),
+        torch.empty(1, _TOKENS, unet.config.cross_attention_dim, device="meta"),
     )
-    unet_flops, unet_saved = _meta_pass(unet, unet_inputs, train=True)
-    activations = unet_saved
+    flops, saved = _meta_pass(unet, unet_inputs, train=True)
+    activations = saved
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         _, outside = _meta_pass(unet, unet_inputs, train=True)
         blocks = len(unet.down_blocks) + len(unet.up_blocks) + 1
-        activations = outside + unet_saved // blocks
-    flops = unet_flops * (3 if config.gradient_checkpointing else 2)
+        activations = outside + saved // blocks
+    return flops * (3 if config.gradient_checkpointing else 2), activations
 
-    if text_encoder is not None:
-        ids = torch.zeros(1, _TOKENS, dtype=torch.long, device="meta")
-        te_flops, te_saved = _meta_pass(text_encoder, (ids,), train=config.train_text_encoder)
-        flops += te_flops * (3 if config.train_text_encoder else 1)
-        if config.train_text_encoder:
-            activations += te_saved
-    vae_transient = 0
-    if vae is not None:
-        vae_params = sum(p.numel() for p in vae.parameters())
-        if not config.cache_latents:
-            pixels = torch.empty(1, 3, config.resolution, config.resolution, device="meta")
-            vae_flops, _ = _meta_pass(vae.encoder, (pixels,), train=False)
-            flops += vae_flops
-            widest = vae.config.block_out_channels[0]
-            vae_transient = 3 * config.batch_size * widest * config.resolution**2 * dtype_bytes
-    else:
-        vae_params = 0
 
-    base_params = sum(p.numel() for p in unet.parameters())
-    if text_encoder is not None:
-        base_params += sum(p.numel() for p in text_encoder.parameters())
-    frozen = (base_params - trainable.total + vae_params) * dtype_bytes
-    memory = MemoryEstimate(
-        frozen_weights=frozen,
-        trainable_state=trainable.total * _TRAINABLE_STATE_BYTES_PER_PARAM,
+def _text_encoder_cost(text_encoder: CLIPTextModel | None, config: TrainConfig) -> tuple[int, int]:
+    """(FLOPs per sample and step, fp32 bytes kept for backward when it is trained)."""
+    if text_encoder is None:
+        return 0, 0
+    ids = torch.zeros(1, _TOKENS, dtype=torch.long, device="meta")
+    flops, saved = _meta_pass(text_encoder, (ids,), train=config.train_text_encoder)
+    if config.train_text_encoder:
+        return flops * 3, saved
+    return flops, 0
+
+
+def _vae_cost(vae: Any, config: TrainConfig) -> tuple[int, int]:
+    """(FLOPs per sample of encoding, bytes of the encoder's transient peak); 0 when cached."""
+    if vae is None or config.cache_latents:
+        return 0, 0
+    pixels = torch.empty(1, 3, config.resolution, config.resolution, device="meta")
+    flops, _ = _meta_pass(vae.encoder, (pixels,), train=False)
+    widest = vae.config.block_out_channels[0]
+    dtype_bytes = _DTYPE_BYTES[config.mixed_precision]
+    return flops, 3 * config.batch_size * widest * config.resolution**2 * dtype_bytes
+
+
+def _memory_estimate(
+    models: _MetaModels, config: TrainConfig, *, activations: int, vae_transient: int
+) -> MemoryEstimate:
+    """The peak memory heuristic of the module docstring, part by part."""
+    dtype_bytes = _DTYPE_BYTES[config.mixed_precision]
+    base_params = sum(p.numel() for p in models.unet.parameters())
+    if models.text_encoder is not None:
+        base_params += sum(p.numel() for p in models.text_encoder.parameters())
+    vae_params = sum(p.numel() for p in models.vae.parameters()) if models.vae is not None else 0
+    trainable = models.trainable.total
+    return MemoryEstimate(
+        frozen_weights=(base_params - trainable + vae_params) * dtype_bytes,
+        trainable_state=trainable * _TRAINABLE_STATE_BYTES_PER_PARAM,
         activations=activations * config.batch_size * dtype_bytes // 4,
         vae_transient=vae_transient,
         overhead=FIXED_OVERHEAD_BYTES,
     )
-    tflops = assumed_tflops or ASSUMED_TFLOPS[config.mixed_precision]
-    step_flops = float(flops * samples)
 
-    _materialise_lora(unet)
-    if text_encoder is not None and config.train_text_encoder:
+
+def _adapter_bytes(models: _MetaModels, config: TrainConfig) -> int:
+    """The exact size of the adapter file, written from uninitialised LoRA weights."""
+    text_encoder = models.text_encoder if config.train_text_encoder else None
+    _materialise_lora(models.unet)
+    if text_encoder is not None:
         _materialise_lora(text_encoder)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = save_adapter(
-            Path(tmp),
-            unet=unet,
-            text_encoder=text_encoder if config.train_text_encoder else None,
-        )
-        adapter_bytes = adapter.stat().st_size
-
-    total_steps = (
-        config.total_steps(num_items=num_items or 0)
-        if num_items is not None or config.max_steps is not None
-        else None
-    )
-    return TrainingPlan(
-        trainable_params=trainable,
-        adapter_bytes=adapter_bytes,
-        total_steps=total_steps,
-        memory=memory,
-        flops_per_step=step_flops,
-        assumed_tflops=tflops,
-        seconds_per_step=step_flops / (tflops * 1e12),
-    )
+        adapter = save_adapter(Path(tmp), unet=models.unet, text_encoder=text_encoder)
+        return adapter.stat().st_size

@@ -3,72 +3,45 @@
 Frozen base model, LoRA layers from peft kept in fp32 under fp16/bf16 autocast, noise-prediction
 MSE (min-SNR weighting, noise offset), AdamW and a diffusers lr schedule. The same code runs in
 one process or under ``accelerate launch`` on several GPUs: each process trains on its own
-slice of every global batch and accelerate averages the gradients.
+slice of every global batch and accelerate averages the gradients. Loading the models, encoding
+samples and rendering validation images live in `models`, `encoding` and `validation`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import secrets
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from workers.engine.training import checkpoints
-from workers.engine.training.callbacks import (
-    CheckpointInfo,
-    StepProgress,
-    TrainingCallbacks,
-    ValidationImage,
-)
+from workers.engine.training.accelerator import make_accelerator, out_of_memory
+from workers.engine.training.callbacks import CheckpointInfo, StepProgress, TrainingCallbacks
 from workers.engine.training.config import WEIGHT_SHAPE_FIELDS, TrainConfig
-from workers.engine.training.data import (
-    SampleDraw,
-    SampleStream,
-    TrainItem,
-    cache_crop_fraction,
-    load_image,
-    noise_generator,
-)
-from workers.engine.training.errors import (
-    ConfigError,
-    TrainingCancelled,
-    TrainingDataError,
-    TrainingOutOfMemory,
-)
+from workers.engine.training.data import SampleDraw, SampleStream, TrainItem, noise_generator
+from workers.engine.training.encoding import SampleEncoder
+from workers.engine.training.errors import ConfigError, TrainingCancelled, TrainingDataError
 from workers.engine.training.lora import (
     ADAPTER_WEIGHT_NAME,
     TrainableParams,
-    inject_lora,
     load_adapter_into,
     save_adapter,
 )
-
-logger = logging.getLogger(__name__)
+from workers.engine.training.models import load_training_models
+from workers.engine.training.validation import ValidationRenderer
 
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -106,7 +79,7 @@ def train_lora(
     started = time.monotonic()
     if not items:
         raise TrainingDataError("no training items")
-    accelerator = _make_accelerator(config, device)
+    accelerator = make_accelerator(config, device)
     try:
         run = _TrainingRun(
             accelerator=accelerator,
@@ -118,67 +91,12 @@ def train_lora(
         )
         return run.execute(started)
     except torch.OutOfMemoryError as exc:
-        raise _out_of_memory(exc, config) from exc
+        raise out_of_memory(exc, config) from exc
     except RuntimeError as exc:
         # MPS and the CPU allocator report exhaustion as a plain RuntimeError.
         if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc):
-            raise _out_of_memory(exc, config) from exc
+            raise out_of_memory(exc, config) from exc
         raise
-
-
-def _out_of_memory(exc: BaseException, config: TrainConfig) -> TrainingOutOfMemory:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    hints = []
-    if config.batch_size > 1:
-        hints.append(
-            f"lower batch_size (now {config.batch_size}; raise gradient_accumulation_steps "
-            "to keep the effective batch)"
-        )
-    if not config.gradient_checkpointing:
-        hints.append("enable gradient_checkpointing")
-    if config.mixed_precision == "no":
-        hints.append("use mixed_precision fp16 or bf16")
-    hints.append(f"lower resolution (now {config.resolution})")
-    if not config.cache_latents:
-        hints.append("enable cache_latents")
-    return TrainingOutOfMemory(f"the device ran out of memory: {exc}", "; ".join(hints))
-
-
-def _make_accelerator(config: TrainConfig, device: str | None) -> Accelerator:
-    device_type = _check_device(config, device)
-    if device and device.startswith("cuda:"):
-        torch.cuda.set_device(torch.device(device))
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # accelerate keeps its state in process-wide singletons; a long-lived worker runs jobs
-        # with different precisions and devices one after another, so each starts afresh.
-        # (Under `accelerate launch` on several processes the launcher's state must stay.)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        cpu=device_type == "cpu",
-    )
-
-
-def _check_device(config: TrainConfig, device: str | None) -> str:
-    """The device type the run will use; precision it does not support is a ConfigError."""
-    if device is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device_type = torch.device(device).type
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "CUDA was asked for but is not available")
-    if config.mixed_precision == "fp16" and device_type not in ("cuda", "mps", "xpu", "npu"):
-        raise ConfigError("mixed_precision", f"fp16 needs a GPU; this run is on {device_type}")
-    if (
-        config.mixed_precision == "bf16"
-        and device_type == "cuda"
-        and not torch.cuda.is_bf16_supported()
-    ):
-        raise ConfigError("mixed_precision", "this GPU does not support bf16; use fp16")
-    return device_type
 
 
 class _TrainingRun:
@@ -206,51 +124,24 @@ class _TrainingRun:
         self.total_steps = config.total_steps(
             num_items=len(items), num_processes=accelerator.num_processes
         )
-        self._latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
-        self._base_images: dict[tuple[str, int], Any] = {}
 
     # -- setup ---------------------------------------------------------------------------
 
     def _load_models(self) -> None:
-        path = self.pipeline_dir
-        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        # Validation samples with the scheduler the pipeline ships, as users will.
-        self.inference_scheduler = _scheduler_class(path / "scheduler").from_pretrained(
-            path, subfolder="scheduler"
-        )
-        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        # Frozen weights in the compute dtype; LoRA weights are added after and kept in fp32.
-        dtype = self.weight_dtype
-        self.text_encoder = CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=dtype
-        )
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        self.vae.requires_grad_(False)
-        for model in (self.vae, self.text_encoder, self.unet):
-            model.to(self.device)
-        self.trainable = inject_lora(
-            unet=self.unet,
-            text_encoder=self.text_encoder,
+        models = load_training_models(
+            self.pipeline_dir,
             config=self.config,
+            device=self.device,
+            weight_dtype=self.weight_dtype,
         )
-        for model in (self.unet, self.text_encoder):
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
-        if self.config.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if self.config.train_text_encoder:
-                self.text_encoder.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False}
-                )
-        self.vae.eval()
-        self.unet.train()
-        if self.config.train_text_encoder:
-            self.text_encoder.train()
-        else:
-            self.text_encoder.eval()
+        self.noise_scheduler = models.noise_scheduler
+        self.inference_scheduler = models.inference_scheduler
+        self.tokenizer = models.tokenizer
+        self.vae = models.vae
+        self.trainable = models.trainable
+        # Replaced by accelerate's wrappers once prepared (see _make_optimizer).
+        self.unet = models.unet
+        self.text_encoder = models.text_encoder
 
     def _make_optimizer(self) -> None:
         groups: list[dict[str, Any]] = [
@@ -314,75 +205,10 @@ class _TrainingRun:
         unwrapped: torch.nn.Module = self.accelerator.unwrap_model(model)
         return unwrapped
 
-    # -- data ----------------------------------------------------------------------------
-
-    def _encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            dist = self.vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
-
-    def _fill_latent_cache(self) -> None:
-        flips = (False, True) if self.config.random_flip else (False,)
-        for item_index, item in enumerate(self.items):
-            crop = cache_crop_fraction(seed=self.seed, item_index=item_index)
-            for flip in flips:
-                pixels = self._load(item, crop=crop, flip=flip)
-                mean, std = self._encode_pixels(pixels[None])
-                self._latent_cache[(item_index, flip)] = (mean[0], std[0])
-
-    def _load(self, item: TrainItem, *, crop: tuple[float, float], flip: bool) -> torch.Tensor:
-        return load_image(
-            item.image_path,
-            resolution=self.config.resolution,
-            center_crop=self.config.center_crop,
-            crop_fraction=crop,
-            flip=flip,
-        )
-
-    def _latents(self, draws: list[SampleDraw], generator: torch.Generator) -> torch.Tensor:
-        if self.config.cache_latents:
-            mean = torch.stack([self._latent_cache[(d.item_index, d.flip)][0] for d in draws])
-            std = torch.stack([self._latent_cache[(d.item_index, d.flip)][1] for d in draws])
-        else:
-            pixels = torch.stack(
-                [
-                    self._load(self.items[d.item_index], crop=d.crop_fraction, flip=d.flip)
-                    for d in draws
-                ]
-            )
-            mean, std = self._encode_pixels(pixels)
-        sample = torch.randn(mean.shape, generator=generator).to(self.device)
-        latents = mean + std * sample
-        scale: float = self.vae.config.scaling_factor
-        return latents * scale
-
-    def _tokens(self, captions: list[str]) -> torch.Tensor:
-        ids: torch.Tensor = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids.to(self.device)
-
-    def _text_embeddings(self, captions: list[str]) -> torch.Tensor:
-        if self.config.train_text_encoder:
-            hidden: torch.Tensor = self.text_encoder(self._tokens(captions), return_dict=False)[0]
-            return hidden
-        missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                encoded = self.text_encoder(self._tokens(missing), return_dict=False)[0]
-            if not self.config.cache_latents:
-                return torch.stack([encoded[missing.index(c)] for c in captions])
-            self._text_cache.update(zip(missing, encoded, strict=True))
-        return torch.stack([self._text_cache[c] for c in captions])
-
     # -- the step ------------------------------------------------------------------------
 
     def _loss(self, draws: list[SampleDraw], generator: torch.Generator) -> torch.Tensor:
-        latents = self._latents(draws, generator)
+        latents = self.encoder.latents(draws, generator)
         batch = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator)
         if self.config.noise_offset:
@@ -399,7 +225,7 @@ class _TrainingRun:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise ConfigError("pipeline_dir", f"unsupported prediction type {prediction_type!r}")
-        encoder_hidden_states = self._text_embeddings([d.caption for d in draws])
+        encoder_hidden_states = self.encoder.text_embeddings([d.caption for d in draws])
         prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[
             0
         ]
@@ -450,58 +276,36 @@ class _TrainingRun:
             stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         return stop
 
-    # -- validation ----------------------------------------------------------------------
-
-    def _validate(self, step: int) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        unet = self._unwrap(self.unet)
-        text_encoder = self._unwrap(self.text_encoder)
-        pipe: Any = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=text_encoder,
-            tokenizer=self.tokenizer,
-            unet=unet,
-            scheduler=self.inference_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        images = []
-        unet.eval()
-        text_encoder.eval()
-        try:
-            for index, prompt in enumerate(self.config.validation_prompts):
-                seed = self.seed + index
-                if (prompt, seed) not in self._base_images:
-                    with _adapters_disabled(unet, text_encoder):
-                        self._base_images[(prompt, seed)] = self._render(pipe, prompt, seed)
-                lora_image = self._render(pipe, prompt, seed)
-                images.append(
-                    ValidationImage(prompt, seed, self._base_images[(prompt, seed)], lora_image)
-                )
-        finally:
-            unet.train()
-            if self.config.train_text_encoder:
-                text_encoder.train()
-        self.callbacks.on_validation(step, images)
-
-    def _render(self, pipe: Any, prompt: str, seed: int) -> Any:
-        generator = torch.Generator("cpu").manual_seed(seed)
-        with torch.no_grad(), self.accelerator.autocast():
-            output = pipe(
-                prompt,
-                num_inference_steps=self.config.validation_inference_steps,
-                height=self.config.resolution,
-                width=self.config.resolution,
-                generator=generator,
-            )
-        return output.images[0]
-
     # -- the run -------------------------------------------------------------------------
 
     def execute(self, started: float) -> TrainResult:
+        resumed = self._prepare()
+        start_step = resumed.step if resumed is not None else 0
+        stream = SampleStream(
+            self.items,
+            seed=self.seed,
+            caption_dropout=self.config.caption_dropout,
+            random_flip=self.config.random_flip,
+            position=resumed.position if resumed is not None else None,
+        )
+        running_loss = _RunningLoss.resumed_from(resumed)
+        if resumed is not None and self.accelerator.is_main_process:
+            self.callbacks.on_resumed(resumed.step)
+        if self.config.cache_latents:
+            self.encoder.fill_latent_cache()
+        self._train(start_step, stream, running_loss)
+        adapter_dir = self._save_adapter()
+        return TrainResult(
+            adapter_path=adapter_dir / ADAPTER_WEIGHT_NAME,
+            steps=max(start_step, self.total_steps),
+            final_loss=running_loss.last,
+            duration_s=time.monotonic() - started,
+            trainable_params=self.trainable,
+            resumed_from_step=resumed.step if resumed is not None else None,
+        )
+
+    def _prepare(self) -> checkpoints.CheckpointState | None:
+        """Seed, models and optimizer; the newest checkpoint's state when there is one."""
         config = self.config
         accelerator = self.accelerator
         if accelerator.is_main_process:
@@ -517,26 +321,28 @@ class _TrainingRun:
         set_seed(self.seed)
         self._load_models()
         self._make_optimizer()
-        resumed = self._resume(resume_path) if resume_path is not None else None
-        start_step = resumed.step if resumed is not None else 0
-        stream = SampleStream(
-            self.items,
+        # Built after prepare(): a trained text encoder must be called through its wrapper.
+        self.encoder = SampleEncoder(
+            items=self.items,
+            config=config,
             seed=self.seed,
-            caption_dropout=config.caption_dropout,
-            random_flip=config.random_flip,
-            position=resumed.position if resumed is not None else None,
+            vae=self.vae,
+            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder,
+            device=self.device,
+            weight_dtype=self.weight_dtype,
         )
-        loss = resumed.loss if resumed is not None else math.nan
-        loss_ema = resumed.loss_ema if resumed is not None else 0.0
-        loss_ema_count = resumed.loss_ema_count if resumed is not None else 0
-        if resumed is not None and accelerator.is_main_process:
-            self.callbacks.on_resumed(resumed.step)
-        if config.cache_latents:
-            self._fill_latent_cache()
+        self.validation = ValidationRenderer(
+            accelerator=accelerator,
+            config=config,
+            seed=self.seed,
+            scheduler=self.inference_scheduler,
+        )
+        return self._resume(resume_path) if resume_path is not None else None
 
-        samples_per_step = (
-            config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-        )
+    def _train(self, start_step: int, stream: SampleStream, running_loss: _RunningLoss) -> None:
+        """Steps start_step + 1 to total_steps, with their reports, checkpoints and validation."""
+        config = self.config
         step_times: deque[float] = deque(maxlen=_SPEED_WINDOW)
         validated_at = None
         for step in range(start_step + 1, self.total_steps + 1):
@@ -545,86 +351,112 @@ class _TrainingRun:
             step_started = time.monotonic()
             loss, epoch = self._train_step(step, stream)
             step_times.append(time.monotonic() - step_started)
-            loss_ema = _LOSS_EMA_BETA * loss_ema + (1 - _LOSS_EMA_BETA) * loss
-            loss_ema_count += 1
-            mean_step_s = sum(step_times) / len(step_times)
-            if accelerator.is_main_process:
-                self.callbacks.on_step(
-                    StepProgress(
-                        step=step,
-                        total_steps=self.total_steps,
-                        epoch=epoch,
-                        loss=loss,
-                        smoothed_loss=loss_ema / (1 - _LOSS_EMA_BETA**loss_ema_count),
-                        lr=float(self.lr_scheduler.get_last_lr()[0]),
-                        samples_per_s=samples_per_step / mean_step_s if mean_step_s else 0.0,
-                        eta_s=(self.total_steps - step) * mean_step_s,
-                    )
-                )
+            running_loss.add(loss)
+            if self.accelerator.is_main_process:
+                self.callbacks.on_step(self._progress(step, epoch, running_loss, step_times))
             if step % config.checkpoint_every == 0:
-                path = checkpoints.write_checkpoint(
-                    self.checkpoints_dir,
-                    state=checkpoints.CheckpointState(
-                        step=step,
-                        position=stream.position,
-                        seed=self.seed,
-                        loss=loss,
-                        loss_ema=loss_ema,
-                        loss_ema_count=loss_ema_count,
-                        config=config.to_dict(),
-                        num_processes=accelerator.num_processes,
-                    ),
-                    accelerator=accelerator,
-                    unet=self._unwrap(self.unet),
-                    text_encoder=self._unwrap(self.text_encoder)
-                    if config.train_text_encoder
-                    else None,
-                    optimizer=self.optimizer,
-                    lr_scheduler=self.lr_scheduler,
-                    keep=config.checkpoints_keep,
-                )
-                if accelerator.is_main_process:
-                    self.callbacks.on_checkpoint(CheckpointInfo(step=step, path=path, loss=loss))
+                self._checkpoint(step, stream, running_loss)
             if config.validation_every is not None and step % config.validation_every == 0:
                 self._validate(step)
                 validated_at = step
         if config.validation_prompts and validated_at != self.total_steps:
             self._validate(self.total_steps)
 
+    def _progress(
+        self, step: int, epoch: int, running_loss: _RunningLoss, step_times: deque[float]
+    ) -> StepProgress:
+        config = self.config
+        samples_per_step = (
+            config.batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes
+        )
+        mean_step_s = sum(step_times) / len(step_times)
+        return StepProgress(
+            step=step,
+            total_steps=self.total_steps,
+            epoch=epoch,
+            loss=running_loss.last,
+            smoothed_loss=running_loss.smoothed,
+            lr=float(self.lr_scheduler.get_last_lr()[0]),
+            samples_per_s=samples_per_step / mean_step_s if mean_step_s else 0.0,
+            eta_s=(self.total_steps - step) * mean_step_s,
+        )
+
+    def _checkpoint(self, step: int, stream: SampleStream, running_loss: _RunningLoss) -> None:
+        config = self.config
+        path = checkpoints.write_checkpoint(
+            self.checkpoints_dir,
+            state=checkpoints.CheckpointState(
+                step=step,
+                position=stream.position,
+                seed=self.seed,
+                loss=running_loss.last,
+                loss_ema=running_loss.ema,
+                loss_ema_count=running_loss.count,
+                config=config.to_dict(),
+                num_processes=self.accelerator.num_processes,
+            ),
+            accelerator=self.accelerator,
+            unet=self._unwrap(self.unet),
+            text_encoder=self._unwrap(self.text_encoder) if config.train_text_encoder else None,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            keep=config.checkpoints_keep,
+        )
+        if self.accelerator.is_main_process:
+            self.callbacks.on_checkpoint(
+                CheckpointInfo(step=step, path=path, loss=running_loss.last)
+            )
+
+    def _validate(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        images = self.validation.render(
+            unet=self._unwrap(self.unet),
+            text_encoder=self._unwrap(self.text_encoder),
+            vae=self.vae,
+            tokenizer=self.tokenizer,
+        )
+        self.callbacks.on_validation(step, images)
+
+    def _save_adapter(self) -> Path:
+        """Write output_dir/adapter (swapped in whole, from the main process); its path."""
         adapter_dir = self.output_dir / ADAPTER_DIR
-        if accelerator.is_main_process:
+        if self.accelerator.is_main_process:
             tmp = self.output_dir / f".tmp-{ADAPTER_DIR}-{os.getpid()}"
             if tmp.exists():
                 shutil.rmtree(tmp)
             save_adapter(
                 tmp,
                 unet=self._unwrap(self.unet),
-                text_encoder=self._unwrap(self.text_encoder) if config.train_text_encoder else None,
+                text_encoder=self._unwrap(self.text_encoder)
+                if self.config.train_text_encoder
+                else None,
             )
             checkpoints.replace_dir(tmp, adapter_dir)
-        accelerator.wait_for_everyone()
-        return TrainResult(
-            adapter_path=adapter_dir / ADAPTER_WEIGHT_NAME,
-            steps=max(start_step, self.total_steps),
-            final_loss=loss,
-            duration_s=time.monotonic() - started,
-            trainable_params=self.trainable,
-            resumed_from_step=resumed.step if resumed is not None else None,
-        )
+        self.accelerator.wait_for_everyone()
+        return adapter_dir
 
 
-def _scheduler_class(config_dir: Path) -> Any:
-    config = json.loads((config_dir / "scheduler_config.json").read_text(encoding="utf-8"))
-    return getattr(diffusers, config["_class_name"])
+@dataclass
+class _RunningLoss:
+    """The latest step's loss and its exponential moving average, carried across resumes."""
 
+    last: float = math.nan
+    ema: float = 0.0
+    count: int = 0
 
-@contextmanager
-def _adapters_disabled(*models: torch.nn.Module) -> Iterator[None]:
-    with_adapters = [m for m in models if getattr(m, "peft_config", None)]
-    for model in with_adapters:
-        model.disable_adapters()  # type: ignore[operator]
-    try:
-        yield
-    finally:
-        for model in with_adapters:
-            model.enable_adapters()  # type: ignore[operator]
+    @classmethod
+    def resumed_from(cls, state: checkpoints.CheckpointState | None) -> _RunningLoss:
+        if state is None:
+            return cls()
+        return cls(last=state.loss, ema=state.loss_ema, count=state.loss_ema_count)
+
+    def add(self, loss: float) -> None:
+        self.last = loss
+        self.ema = _LOSS_EMA_BETA * self.ema + (1 - _LOSS_EMA_BETA) * loss
+        self.count += 1
+
+    @property
+    def smoothed(self) -> float:
+        """The moving average without its bias towards the zero it starts from."""
+        return self.ema / (1 - _LOSS_EMA_BETA**self.count)
