@@ -202,3 +202,22 @@ def test_generation_size_is_limited_relative_to_the_native_size(
     )
     assert_problem(refused, 422, "limit_exceeded")
     assert client.get("/jobs?kind=generate", headers=auth).json()["data"] == []
+
+
+def test_a_training_run_over_the_workers_memory_answers_422_with_the_plan(stack: Stack) -> None:
+    from tests.conftest import upload_dataset
+
+    for client in _client(stack, train_max_memory_bytes=1024):
+        auth = new_tenant_headers(stack)
+        dataset_id = upload_dataset(client, auth, count=2)
+        body = {
+            "dataset_id": dataset_id,
+            "adapter_name": "too-big",
+            "hyperparameters": {"resolution": 64, "rank": 4, "max_steps": 2},
+        }
+        problem = assert_problem(
+            client.post("/jobs", headers=auth, json=body), 422, "plan_over_memory"
+        )
+        assert problem["plan"]["peak_memory_bytes"] > 1024
+        assert problem["limit"] == {"name": "LORASTACK_TRAIN_MAX_MEMORY_BYTES", "value": 1024}
+        assert client.get("/jobs", headers=auth).json()["data"] == []
