@@ -1,4 +1,51 @@
 """lorastack: train LoRA adapters and serve them over HTTP.
 
-``lorastack.cli`` is the command line (the composition root of the service and its workers).
+``from lorastack import Client`` is the Python client of the HTTP API; importing it loads httpx
+and pydantic only (no torch, no server code).
 """
+
+from lorastack.client import (
+    APIError,
+    AsyncClient,
+    AuthenticationError,
+    BadRequest,
+    Client,
+    ConfigurationError,
+    Conflict,
+    ConnectionFailed,
+    Downloaded,
+    FieldError,
+    GenerationResult,
+    Image,
+    JobFailed,
+    LorastackError,
+    NotFound,
+    Progress,
+    RateLimited,
+    ServerError,
+    ValidationFailed,
+    WaitTimeout,
+)
+
+__all__ = [
+    "APIError",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequest",
+    "Client",
+    "ConfigurationError",
+    "Conflict",
+    "ConnectionFailed",
+    "Downloaded",
+    "FieldError",
+    "GenerationResult",
+    "Image",
+    "JobFailed",
+    "LorastackError",
+    "NotFound",
+    "Progress",
+    "RateLimited",
+    "ServerError",
+    "ValidationFailed",
+    "WaitTimeout",
+]

@@ -49,6 +49,28 @@ def create_api_key(session: Session, *, tenant_name: str, name: str | None = Non
     return secret
 
 
+def list_api_keys(session: Session, *, tenant_name: str | None = None) -> list[ApiKey]:
+    """Keys (revoked ones too), oldest first; only ``tenant_name``'s when given."""
+    query = select(ApiKey).join(Tenant).order_by(ApiKey.created_at, ApiKey.id)
+    if tenant_name is not None:
+        query = query.where(Tenant.name == tenant_name)
+    return list(session.scalars(query).all())
+
+
+def revoke_api_key(session: Session, key_id: str) -> ApiKey | None:
+    """Mark a key revoked (flushed); None when no key has that id.
+
+    Lookups refuse it at once; an API process that verified it within the last
+    ``auth_cache_ttl_s`` seconds keeps accepting it until its cache entry expires.
+    """
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        return None
+    key.revoked = True
+    session.flush()
+    return key
+
+
 def authenticate(session: Session, secret: str) -> Principal | None:
     return lookup_key(session, hash_key(secret))
 

@@ -166,7 +166,14 @@ class Settings(BaseSettings):
     inference_dtype: str = Field(default="auto", description="auto | fp32 | fp16 | bf16")
 
     # Limits.
-    max_upload_bytes: int = 512 * 1024 * 1024
+    max_upload_bytes: int = Field(
+        default=512 * 1024 * 1024, gt=0, description="cap on multipart/form-data uploads"
+    )
+    max_json_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="cap on every other request body (JSON), refused while it streams in",
+    )
     dataset_limits: Annotated[dict[str, int | float], NoDecode] = Field(
         default_factory=dict,
         description='JSON object overriding dataset caps, e.g. {"max_entries": 1000}',

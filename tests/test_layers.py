@@ -17,7 +17,7 @@ PRODUCT = ("lorafile", "service", "workers", "lorastack")
 DOMAINS = ("datasets", "jobs", "adapters", "generation", "health")
 SERVICE_APP = {"service.app", "service.openapi"}
 # Kernel modules that speak HTTP: the domains use them, processes without HTTP must not.
-SERVICE_HTTP = {"service.deps", "service.problems", "service.body_limit"}
+SERVICE_HTTP = {"service.deps", "service.problems", "service.body_limit", "service.strict_input"}
 WEB_AND_SQL = {"fastapi", "starlette", "sqlalchemy", "celery", "kombu", "redis", "alembic"}
 TORCH_SIDE = {"torch", "diffusers", "transformers", "peft", "accelerate"}
 LORAFILE_ALLOWED_THIRD_PARTY = {"numpy", "safetensors"}

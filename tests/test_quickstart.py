@@ -1,4 +1,5 @@
-"""The README's quickstart, run verbatim with bash against a real `lorastack serve`."""
+"""The README's quickstarts (curl, then the CLI), run verbatim with bash against one real
+`lorastack serve`."""
 
 from __future__ import annotations
 
@@ -17,12 +18,10 @@ from tests.test_serve import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
-def quickstart_script() -> str:
+def quickstart_script(name: str = "quickstart") -> str:
     readme = (REPO / "README.md").read_text()
-    block = re.search(
-        r"<!-- quickstart:begin -->\n```sh\n(.*?)```\n<!-- quickstart:end -->", readme, re.S
-    )
-    assert block, "README.md lost its quickstart block"
+    block = re.search(rf"<!-- {name}:begin -->\n```sh\n(.*?)```\n<!-- {name}:end -->", readme, re.S)
+    assert block, f"README.md lost its {name} block"
     return block[1]
 
 
@@ -59,19 +58,32 @@ def test_readme_quickstart_runs_against_serve(tmp_path: Path) -> None:
                 return False
 
         wait_for(ready, timeout=180, what="serve to be ready", proc=serve)
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", quickstart_script()],
-            cwd=workdir,
-            env={**env, "URL": f"http://127.0.0.1:{port}"},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr + log_path.read_text()[-3000:]
+
+        def run(block: str) -> subprocess.CompletedProcess[str]:
+            result = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", quickstart_script(block)],
+                cwd=workdir,
+                env={**env, "URL": f"http://127.0.0.1:{port}", "XDG_CONFIG_HOME": str(tmp_path)},
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert result.returncode == 0, (
+                result.stdout + result.stderr + log_path.read_text()[-3000:]
+            )
+            return result
+
+        result = run("quickstart")
         assert (workdir / "square.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         for name in ("squares.safetensors", "squares-kohya.safetensors"):
             assert (workdir / name).stat().st_size > 1000
         assert "'version': 1" in result.stdout
+
+        result = run("quickstart-cli")
+        assert (workdir / "square-cli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for name in ("squares-cli.safetensors", "squares-cli-kohya.safetensors"):
+            assert (workdir / name).stat().st_size > 1000
+        assert '"latest_version": 1' in result.stdout  # the last command's --json answer
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorastack.cli import server
+from lorastack.cli import remote, server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     server.register(sub)
+    remote.register(sub)
     return parser
 
 

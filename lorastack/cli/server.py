@@ -193,6 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _print_banner(settings: Settings, *, url: str, key: str) -> None:
     print(f"lorastack serving on {url}", flush=True)
+    print(f"  console:  {url}/console (sign in with the API key below)", flush=True)
     print(f"  database: {_redact(settings.resolved_database_url)}", flush=True)
     print(f"  redis:    {settings.broker_url}", flush=True)
     print(f"  try:      curl -H 'Authorization: Bearer {key}' {url}/readyz", flush=True)
@@ -251,6 +252,51 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
     print(secret)
 
 
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    from service.auth import list_api_keys
+    from service.db import make_engine, make_session_factory, transaction
+
+    settings = load_settings()
+    check_database(settings)
+    engine = make_engine(settings.resolved_database_url)
+    with transaction(make_session_factory(engine)) as session:
+        rows = [
+            (
+                key.id,
+                key.tenant.name,
+                key.prefix + "...",
+                key.name or "",
+                key.created_at.strftime("%Y-%m-%d %H:%M"),
+                "revoked" if key.revoked else "active",
+            )
+            for key in list_api_keys(session, tenant_name=args.tenant)
+        ]
+    engine.dispose()
+    header = ("id", "tenant", "key", "name", "created (UTC)", "status")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> None:
+    from service.auth import revoke_api_key
+    from service.db import make_engine, make_session_factory, transaction
+
+    settings = load_settings()
+    check_database(settings)
+    engine = make_engine(settings.resolved_database_url)
+    with transaction(make_session_factory(engine)) as session:
+        key = revoke_api_key(session, args.key_id)
+        tenant = key.tenant.name if key is not None else None
+    engine.dispose()
+    if tenant is None:
+        fail(f"no API key {args.key_id!r} (see `lorastack keys list`)")
+    print(
+        f"revoked {args.key_id} of tenant {tenant!r}: refused by every API process within "
+        f"LORASTACK_AUTH_CACHE_TTL_S ({settings.auth_cache_ttl_s:g} s)"
+    )
+
+
 def cmd_init_model(args: argparse.Namespace) -> None:
     from workers.engine.model_builder import build_pipeline_folder
 
@@ -298,6 +344,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.add_argument("--tenant", required=True)
     create.add_argument("--name")
     create.set_defaults(func=cmd_keys_create)
+    listing = keys.add_parser("list", help="keys with their id, tenant, prefix and status")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser(
+        "revoke", help="revoke a key by id; API processes refuse it within the auth cache TTL"
+    )
+    revoke.add_argument("key_id", help="the key's id, from `lorastack keys list`")
+    revoke.set_defaults(func=cmd_keys_revoke)
 
     init = sub.add_parser("init-model", help="write a randomly initialised SD 1.x pipeline")
     init.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")

@@ -27,9 +27,16 @@ from service.adapters.schemas import (
 from service.deps import AppSettings, Caller, Paging, Store, UoW
 from service.errors import PayloadTooLarge, ServiceError, Unprocessable, UnsupportedMediaType
 from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader, IdempotentRequest
+from service.problems import COMMON_ERRORS, problem_responses
 from service.storage import ArtifactStore
+from service.strict_input import SQL_INT_MAX, StrictInputRoute
 
-router = APIRouter(tags=["adapters"])
+# Every adapter route but the list and the import names an adapter (404) or changes one (409).
+router = APIRouter(
+    tags=["adapters"],
+    route_class=StrictInputRoute,
+    responses=problem_responses(*COMMON_ERRORS, 404, 409),
+)
 
 AdapterName = Annotated[str, Path(max_length=100, description="the adapter's name")]
 VersionSelector = Annotated[
@@ -38,6 +45,8 @@ VersionSelector = Annotated[
 AliasName = Annotated[str, Path(max_length=100, description="lowercase a-z 0-9 . _ -")]
 IMPORT_SCOPE = "POST /adapters/import"
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# More digits than this is more bytes than any file has (and int() refuses 4,300 digits).
+_RANGE_DIGITS = 18
 
 
 @router.get("/adapters", operation_id="list_adapters", response_model=AdapterList)
@@ -129,18 +138,24 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     match = _RANGE_RE.fullmatch(header.strip())
     if match is None or match[1] == match[2] == "":
         return None
-    if match[1] == "":
-        suffix = int(match[2])
-        if suffix == 0:
+    first, last = _position(match[1]), _position(match[2])
+    if first is None:
+        assert last is not None
+        if last == 0:
             raise _unsatisfiable(size)
-        return max(0, size - suffix), size - 1
-    start = int(match[1])
-    end = size - 1 if match[2] == "" else min(int(match[2]), size - 1)
-    if match[2] != "" and int(match[2]) < start:
+        return max(0, size - last), size - 1
+    if last is not None and last < first:
         return None  # invalid range: ignored
-    if start >= size:
+    if first >= size:
         raise _unsatisfiable(size)
-    return start, end
+    return first, size - 1 if last is None else min(last, size - 1)
+
+
+def _position(digits: str) -> int | None:
+    """A byte position from a Range header; a number too long to be a file offset is capped."""
+    if not digits:
+        return None
+    return int(digits) if len(digits) <= _RANGE_DIGITS else 10**_RANGE_DIGITS
 
 
 def _unsatisfiable(size: int) -> ServiceError:
@@ -160,7 +175,7 @@ def _unsatisfiable(size: int) -> ServiceError:
         200: {"content": {"application/octet-stream": {}}, "description": "the safetensors file"},
         206: {"content": {"application/octet-stream": {}}, "description": "the range asked for"},
         304: {"description": "If-None-Match matched the ETag"},
-        416: {"description": "the range is outside the file"},
+        **problem_responses(416),
     },
 )
 def download_version_route(
@@ -213,6 +228,7 @@ def download_version_route(
     operation_id="import_adapter",
     status_code=201,
     response_model=ImportedVersionOut,
+    responses=problem_responses(415, 429),
 )
 def import_adapter_route(
     response: Response,
@@ -346,7 +362,7 @@ def delete_alias_route(name: AdapterName, alias: AliasName, uow: UoW, caller: Ca
 )
 def promote_checkpoint_route(
     job_id: str,
-    step: Annotated[int, Path(ge=0)],
+    step: Annotated[int, Path(ge=0, le=SQL_INT_MAX)],
     response: Response,
     uow: UoW,
     caller: Caller,

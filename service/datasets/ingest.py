@@ -7,8 +7,9 @@ The folder written at ``dest_dir``::
                             height, sha256}]}, canonical JSON (its sha256 is the dataset's)
     report.json             the preflight report
 
-Everything is written into a temporary folder beside ``dest_dir`` and renamed into place only
-when the whole archive has been read and accepted; on any error the temporary folder is removed.
+Everything is written into a temporary folder (the caller's scratch folder, or a hidden one
+beside ``dest_dir``) and renamed into place only when the whole archive has been read and
+accepted; on any error the temporary folder is removed.
 """
 
 from __future__ import annotations
@@ -81,21 +82,27 @@ def ingest_zip(
     caption: str | None = None,
     trigger_word: str | None = None,
     count_tokens: Callable[[str], int] | None = None,
+    work_dir: Path | None = None,
 ) -> IngestResult:
     """Validate the zip at ``zip_path`` and write the dataset folder ``dest_dir`` atomically.
 
-    Raises DatasetRejected (413/415/422) with nothing stored; a dataset without a usable
-    image-caption pair is 422 ``no_usable_pairs`` with the preflight report attached.
+    The folder is built in ``work_dir`` (an empty folder on ``dest_dir``'s filesystem, such as
+    the artifact store's scratch folder; default: a hidden folder beside ``dest_dir``) and
+    renamed into place. Raises DatasetRejected (413/415/422) with nothing stored; a dataset
+    without a usable image-caption pair is 422 ``no_usable_pairs`` with the preflight report
+    attached.
     """
-    fixed_caption = _clean_option("caption", caption, limits)
-    trigger = _clean_option("trigger_word", trigger_word, limits)
-    if dest_dir.exists():
-        raise FileExistsError(f"dataset folder {dest_dir} already exists")
-    dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(
-        tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".ingest", dir=dest_dir.parent)
-    )
+    if work_dir is None:
+        dest_dir.parent.mkdir(parents=True, exist_ok=True)
+        work_dir = Path(
+            tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".ingest", dir=dest_dir.parent)
+        )
     try:
+        fixed_caption = _clean_option("caption", caption, limits)
+        trigger = _clean_option("trigger_word", trigger_word, limits)
+        if dest_dir.exists():
+            raise FileExistsError(f"dataset folder {dest_dir} already exists")
+        dest_dir.parent.mkdir(parents=True, exist_ok=True)
         with open_archive(zip_path, limits) as archive:
             report, manifest = _ingest_into(
                 archive,

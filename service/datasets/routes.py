@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -22,10 +22,13 @@ from service.datasets.service import (
 from service.deps import AppSettings, Caller, Paging, Store, UoW
 from service.errors import UnsupportedMediaType
 from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader
+from service.problems import COMMON_ERRORS, problem_responses
+from service.strict_input import StrictInputRoute
 
-router = APIRouter(tags=["datasets"])
+router = APIRouter(
+    tags=["datasets"], route_class=StrictInputRoute, responses=problem_responses(*COMMON_ERRORS)
+)
 
-_PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 # Stored images never change, so a thumbnail can be cached (privately: it is tenant data).
 _THUMBNAIL_CACHE_CONTROL = "private, max-age=86400, immutable"
 
@@ -44,12 +47,19 @@ def require_multipart(request: Request) -> None:
     operation_id="create_dataset",
     status_code=201,
     response_model=DatasetOut,
-    responses={
-        400: {"description": "malformed multipart body", **_PROBLEM},
-        413: {"description": "upload or archive over a cap", **_PROBLEM},
-        415: {"description": "not multipart, or the file is not a zip", **_PROBLEM},
-        422: {"description": "unsafe or unusable archive (report attached)", **_PROBLEM},
-    },
+    responses=problem_responses(
+        400,
+        413,
+        415,
+        422,
+        429,
+        descriptions={
+            400: "malformed multipart body",
+            413: "upload or archive over a cap",
+            415: "not multipart, or the file is not a zip",
+            422: "unsafe or unusable archive (report attached), or invalid fields",
+        },
+    ),
 )
 async def create_dataset_route(
     response: Response,
@@ -103,7 +113,7 @@ def list_datasets_route(uow: UoW, caller: Caller, page: Paging) -> DatasetList:
     "/datasets/{dataset_id}",
     operation_id="get_dataset",
     response_model=DatasetOut,
-    responses={404: _PROBLEM},
+    responses=problem_responses(404),
 )
 def get_dataset_route(dataset_id: str, uow: UoW, caller: Caller) -> DatasetOut:
     dataset = get_dataset(uow.session, tenant_id=caller.tenant_id, dataset_id=dataset_id)
@@ -114,7 +124,7 @@ def get_dataset_route(dataset_id: str, uow: UoW, caller: Caller) -> DatasetOut:
     "/datasets/{dataset_id}/images/{index}",
     operation_id="get_dataset_image",
     response_class=Response,
-    responses={200: {"content": {THUMBNAIL_MEDIA_TYPE: {}}}, 404: _PROBLEM},
+    responses={200: {"content": {THUMBNAIL_MEDIA_TYPE: {}}}, **problem_responses(404)},
 )
 def get_dataset_image_route(
     dataset_id: str,
@@ -139,7 +149,7 @@ def get_dataset_image_route(
     operation_id="delete_dataset",
     status_code=204,
     response_class=Response,
-    responses={404: _PROBLEM, 409: {"description": "an active job uses it", **_PROBLEM}},
+    responses=problem_responses(404, 409, descriptions={409: "an active job uses it"}),
 )
 def delete_dataset_route(dataset_id: str, uow: UoW, caller: Caller, store: Store) -> Response:
     """Delete a dataset and its files; 409 ``dataset_in_use`` while an active job uses it."""

@@ -104,6 +104,20 @@ def spooled_upload(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def sweep_ingest_leftovers(store: ArtifactStore, *, started_at: float) -> list[str]:
+    """Remove ingest folders an earlier version staged beside the datasets (``.<id>.*.ingest``)
+    and a crash left behind; ingest now stages in the store's scratch folder."""
+    root = store.path(DATASETS_PREFIX)
+    if not root.is_dir():
+        return []
+    removed = []
+    for entry in root.glob(".*.ingest"):
+        if entry.is_dir() and entry.stat().st_mtime < started_at:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(f"{DATASETS_PREFIX}/{entry.name}")
+    return removed
+
+
 def create_dataset(
     uow: UnitOfWork,
     *,
@@ -141,6 +155,8 @@ def create_dataset(
             limits=limits,
             caption=request.caption,
             trigger_word=request.trigger_word,
+            # In the store's scratch folder: a crash mid-ingest leaves nothing in datasets/.
+            work_dir=store.tempdir(prefix="ingest"),
         )
     except DatasetRejected as exc:
         raise DatasetUploadRejected.from_rejection(exc) from exc

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from service import lifecycle
 from service.db import new_id
 from service.deps import AppSettings, Caller, Store, UoW
 from service.errors import NotFound, ServiceUnavailable, Unprocessable, field_error
@@ -27,23 +30,18 @@ from service.generation.service import (
     generation_answer,
     get_image,
 )
-from service.idempotency import IdempotencyKeyHeader, create_once
+from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader, create_once
 from service.jobs.schemas import JobOut
 from service.jobs.service import get_job
 from service.models import FINAL_JOB_STATUSES, Job, JobStatus
 from service.notify import DoneListener, wait_for
+from service.problems import COMMON_ERRORS, problem_responses
 from service.storage import ArtifactStore
+from service.strict_input import StrictInputRoute
 
-router = APIRouter(tags=["generation"])
-
-
-def _openai_retries(request: Request) -> OpenAIRetries:
-    settings = request.app.state.settings
-    return OpenAIRetries(
-        request.app.state.redis,
-        key_prefix=settings.redis_key_prefix,
-        window_s=settings.openai_retry_window_s,
-    )
+router = APIRouter(
+    tags=["generation"], route_class=StrictInputRoute, responses=problem_responses(*COMMON_ERRORS)
+)
 
 
 async def _run(
@@ -56,10 +54,11 @@ async def _run(
     idempotency_key: str | None,
     attach_to: str | None = None,
     on_created: Callable[[str], Awaitable[None]] | None = None,
-) -> Job:
+) -> tuple[Job, bool]:
     """Create the job, send it, and wait up to ``wait_s`` for it to finish; returns the job as
-    committed then (succeeded, failed, or still queued or running). With ``attach_to`` (a job
-    an earlier attempt of this request created), wait for that job instead."""
+    committed then (succeeded, failed, or still queued or running) and whether the request
+    was a replay of an earlier one with the same Idempotency-Key. With ``attach_to`` (a job an
+    earlier attempt of this request created), wait for that job instead."""
     settings = request.app.state.settings
     listener: DoneListener = request.app.state.done_listener
     new_job_id = attach_to or new_id("job")
@@ -114,10 +113,10 @@ async def _run(
             if created is not None and notified and notified.status == JobStatus.SUCCEEDED.value:
                 # The worker committed this success and said so: no need to read it back.
                 notified.apply_to(created)
-                return created
+                return created, False
             job = await run_in_threadpool(read)
             if job.status in FINAL_JOB_STATUSES or time.monotonic() >= deadline:
-                return job
+                return job, created is None
 
 
 async def _answer(
@@ -147,7 +146,10 @@ async def _answer(
     "/generate",
     operation_id="generate",
     response_model=GenerateOut,
-    responses={202: {"model": JobOut, "description": "not finished within `wait`: poll the job"}},
+    responses={
+        202: {"model": JobOut, "description": "not finished within `wait`: poll the job"},
+        **problem_responses(404, 429, 503),
+    },
 )
 async def generate_route(
     body: GenerateRequest,
@@ -166,7 +168,7 @@ async def generate_route(
             f"over the limit {settings.generate_max_wait_s} (LORASTACK_GENERATE_MAX_WAIT_S)",
             code="limit_exceeded",
         )
-    job = await _run(
+    job, replayed = await _run(
         request,
         uow,
         tenant_id=caller.tenant_id,
@@ -174,17 +176,43 @@ async def generate_route(
         wait_s=wait_s,
         idempotency_key=idempotency_key,
     )
+    headers = {REPLAYED_HEADER: "true"} if replayed else {}
     if job.status == JobStatus.SUCCEEDED.value:
         answer = await _answer(request, uow, store, job=job, response_format=body.response_format)
         # Already a validated GenerateOut: serialize it once, without FastAPI validating it again.
-        return Response(answer.model_dump_json(), media_type="application/json")
+        return Response(answer.model_dump_json(), media_type="application/json", headers=headers)
     if job.status == JobStatus.FAILED.value:
-        raise failed_job_problem(job)
+        problem = failed_job_problem(job)
+        problem.headers.update(headers)
+        raise problem
+
+    def unfinished() -> JobOut:
+        out = JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
+        uow.session.commit()  # end the read
+        return out
+
+    out = await run_in_threadpool(unfinished)
     return JSONResponse(
-        JobOut.from_row(job).model_dump(mode="json"),
+        out.model_dump(mode="json"),
         status_code=202,
-        headers={"Location": f"/jobs/{job.id}"},
+        headers={"Location": f"/jobs/{job.id}", **headers},
     )
+
+
+# The OpenAI body's names for GenerateRequest's fields, for errors found after translation.
+_OPENAI_FIELDS = {"num_images": "n", "width": "size", "height": "size", "adapters": "model"}
+
+
+def _as_generate_request(fields: dict[str, Any]) -> GenerateRequest:
+    """The generation an OpenAI images request asks for; 422 naming the OpenAI field."""
+    try:
+        return GenerateRequest.model_validate(fields)
+    except ValidationError as exc:
+        errors = [
+            {**err, "loc": ("body", _OPENAI_FIELDS.get(str(err["loc"][0]), err["loc"][0]))}
+            for err in exc.errors()
+        ]
+        raise RequestValidationError(errors) from None
 
 
 @router.post(
@@ -192,6 +220,7 @@ async def generate_route(
     operation_id="openai_images_generations",
     response_model=OpenAIImagesResponse,
     tags=["openai"],
+    responses=problem_responses(*COMMON_ERRORS, 404, 429, 503, openai=True),
 )
 async def openai_images_route(
     body: OpenAIImageRequest,
@@ -202,11 +231,7 @@ async def openai_images_route(
     store: Store,
     idempotency_key: IdempotencyKeyHeader = None,
     retry_count: Annotated[
-        str | None,
-        Header(
-            alias="x-stainless-retry-count",
-            include_in_schema=False,
-        ),
+        str | None, Header(alias="x-stainless-retry-count", include_in_schema=False)
     ] = None,
 ) -> OpenAIImagesResponse:
     """OpenAI-compatible: `model` is an adapter ref (weight 1) or a base model name.
@@ -214,20 +239,16 @@ async def openai_images_route(
     Answers within LORASTACK_OPENAI_WAIT_S (else 503 with Retry-After). The OpenAI SDK retries
     a timed-out or failed request with the same body and an ``x-stainless-retry-count`` header
     but no idempotency key: such a retry waits for the job its first attempt created instead
-    of running the request twice.
+    of running the request twice (service/generation/retries.py).
     """
-    width = height = None
-    if body.size:
-        width, height = (int(v) for v in body.size.split("x"))
-        if width % 8 or height % 8:
-            raise field_error("size", "width and height must be multiples of 8")
+    width, height = body.dimensions()
     adapters = []
     base_model = None
     if body.model and body.model in settings.model_sources:
         base_model = body.model
     elif body.model:
         adapters = [{"ref": body.model, "weight": 1.0}]
-    generate = GenerateRequest.model_validate(
+    generate = _as_generate_request(
         {
             "prompt": body.prompt,
             "negative_prompt": body.negative_prompt,
@@ -245,14 +266,18 @@ async def openai_images_route(
             ),
         }
     )
-    retries = _openai_retries(request)
+    retries = OpenAIRetries(
+        request.app.state.redis,
+        key_prefix=settings.redis_key_prefix,
+        window_s=settings.openai_retry_window_s,
+    )
     first_attempt = (
         await retries.find(tenant_id=caller.tenant_id, payload=body)
         if retry_count and retry_count != "0"
         else None
     )
     try:
-        job = await _run(
+        job, _ = await _run(
             request,
             uow,
             tenant_id=caller.tenant_id,
@@ -293,7 +318,7 @@ async def openai_images_route(
     "/images/{image_id}",
     operation_id="get_image",
     response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {"image/png": {}}}, **problem_responses(404)},
 )
 def image_route(image_id: str, uow: UoW, caller: Caller, store: Store) -> FileResponse:
     image = get_image(uow.session, tenant_id=caller.tenant_id, image_id=image_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SchedulerName = Literal["pndm", "ddim", "euler", "euler_a", "dpm++_2m", "lms"]
 
@@ -73,11 +73,27 @@ class OpenAIImageRequest(BaseModel):
     prompt: str = Field(min_length=1)
     model: str | None = Field(None, description="an adapter ref or a base model name")
     n: int = Field(1, ge=1)
-    size: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$")
+    size: str | None = Field(
+        None, pattern=r"^\d{1,5}x\d{1,5}$", description="WIDTHxHEIGHT, each a multiple of 8"
+    )
     response_format: Literal["url", "b64_json"] = "url"
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     num_inference_steps: int | None = Field(None, ge=1)
+
+    @field_validator("size")
+    @classmethod
+    def _size_in_pixels(cls, value: str | None) -> str | None:
+        if value is not None and any(int(v) < 8 or int(v) % 8 for v in value.split("x")):
+            raise ValueError("width and height must be multiples of 8, at least 8")
+        return value
+
+    def dimensions(self) -> tuple[int | None, int | None]:
+        """(width, height) from ``size``; None for the model's native size."""
+        if not self.size:
+            return None, None
+        width, height = (int(v) for v in self.size.split("x"))
+        return width, height
 
 
 class OpenAIImage(BaseModel):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -16,25 +14,13 @@ from starlette.concurrency import run_in_threadpool
 from service.config import Settings
 from service.deps import Caller, UoW
 from service.fleet import live_workers
+from service.health.workers import WorkerList, workers_for_tenant
+from service.problems import problem_responses
+from service.strict_input import StrictInputRoute
 
-router = APIRouter(tags=["health"])
-
-
-class WorkerOut(BaseModel):
-    id: str
-    hostname: str
-    queues: list[str]
-    base_model: str | None
-    device: str | None
-    current_job_id: str | None
-    info: dict[str, Any]
-    started_at: datetime
-    heartbeat_at: datetime
-
-
-class WorkerList(BaseModel):
-    data: list[WorkerOut]
-    has_more: bool = False
+router = APIRouter(
+    tags=["health"], route_class=StrictInputRoute, responses=problem_responses(413, 422, 500)
+)
 
 
 @router.get("/healthz", operation_id="healthz")
@@ -46,7 +32,7 @@ def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     operation_id="readyz",
-    responses={503: {"content": {"application/problem+json": {}}}},
+    responses=problem_responses(503),
 )
 async def readyz(request: Request) -> JSONResponse:
     """Ready when the database and Redis answer and at least one worker heartbeats."""
@@ -100,24 +86,14 @@ async def readyz(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/workers", operation_id="list_workers", response_model=WorkerList)
+@router.get(
+    "/workers",
+    operation_id="list_workers",
+    response_model=WorkerList,
+    responses=problem_responses(400, 401),
+)
 def list_workers(request: Request, uow: UoW, caller: Caller) -> WorkerList:
-    """Live workers: base model, device, current job, resident adapters, last heartbeat."""
+    """Live workers: base model, device, last heartbeat, queue lengths; of the adapters they
+    hold and the jobs they run, only the caller's."""
     settings: Settings = request.app.state.settings
-    rows = live_workers(uow.session, settings)
-    return WorkerList(
-        data=[
-            WorkerOut(
-                id=w.id,
-                hostname=w.hostname,
-                queues=w.queues,
-                base_model=w.base_model,
-                device=w.device,
-                current_job_id=w.current_job_id,
-                info=w.info,
-                started_at=w.started_at,
-                heartbeat_at=w.heartbeat_at,
-            )
-            for w in rows
-        ]
-    )
+    return workers_for_tenant(uow.session, settings, tenant_id=caller.tenant_id)

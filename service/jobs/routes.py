@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import lifecycle
 from service.deps import AppSettings, Caller, Paging, UoW
-from service.idempotency import IdempotencyKeyHeader, create_once
+from service.idempotency import REPLAYED_HEADER, IdempotencyKeyHeader, create_once
 from service.jobs import training
 from service.jobs.schemas import JobEventList, JobEventOut, JobList, JobOut
 from service.jobs.service import get_job, list_events, list_jobs
@@ -25,9 +25,13 @@ from service.jobs.training_schemas import (
     TrainJobCreate,
 )
 from service.models import FINAL_JOB_STATUSES, Checkpoint, Dataset, JobKind, JobStatus
+from service.problems import COMMON_ERRORS, problem_responses
 from service.queue import QUEUES
+from service.strict_input import SQL_INT_MAX, StrictInputRoute
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(
+    tags=["jobs"], route_class=StrictInputRoute, responses=problem_responses(*COMMON_ERRORS)
+)
 
 
 @router.get("/jobs", operation_id="list_jobs", response_model=JobList)
@@ -60,7 +64,10 @@ def list_jobs_route(
     operation_id="create_training_job",
     status_code=201,
     response_model=JobOut | TrainingPlanOut,
-    responses={200: {"model": TrainingPlanOut, "description": "the plan, for dry_run"}},
+    responses={
+        200: {"model": TrainingPlanOut, "description": "the plan, for dry_run"},
+        **problem_responses(404, 409, 415, 429),
+    },
 )
 async def create_job_route(
     body: TrainJobCreate,
@@ -90,7 +97,7 @@ async def create_job_route(
             return plan
         training.admit_by_plan(plan, settings=settings)
 
-    def create() -> JobOut:
+    def create() -> tuple[JobOut, bool]:
         job_id, created = create_once(
             uow.session,
             tenant_id=caller.tenant_id,
@@ -111,13 +118,20 @@ async def create_job_route(
         if created:
             uow.commit()  # sends the new job's task
         job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
-        return JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
+        position = lifecycle.queue_position(uow.session, job)
+        return JobOut.from_row(job, queue_position=position), created
 
-    return await run_in_threadpool(create)
+    out, created = await run_in_threadpool(create)
+    if not created:
+        response.headers[REPLAYED_HEADER] = "true"
+    return out
 
 
 @router.get(
-    "/jobs/{job_id}/checkpoints", operation_id="list_job_checkpoints", response_model=CheckpointList
+    "/jobs/{job_id}/checkpoints",
+    operation_id="list_job_checkpoints",
+    response_model=CheckpointList,
+    responses=problem_responses(404),
 )
 def list_checkpoints_route(job_id: str, uow: UoW, caller: Caller) -> CheckpointList:
     job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
@@ -129,13 +143,23 @@ def list_checkpoints_route(job_id: str, uow: UoW, caller: Caller) -> CheckpointL
     )
 
 
-@router.get("/jobs/{job_id}", operation_id="get_job", response_model=JobOut)
+@router.get(
+    "/jobs/{job_id}",
+    operation_id="get_job",
+    response_model=JobOut,
+    responses=problem_responses(404),
+)
 def get_job_route(job_id: str, uow: UoW, caller: Caller) -> JobOut:
     job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
     return JobOut.from_row(job, queue_position=lifecycle.queue_position(uow.session, job))
 
 
-@router.post("/jobs/{job_id}/cancel", operation_id="cancel_job", response_model=JobOut)
+@router.post(
+    "/jobs/{job_id}/cancel",
+    operation_id="cancel_job",
+    response_model=JobOut,
+    responses=problem_responses(404, 409),
+)
 def cancel_job_route(job_id: str, uow: UoW, caller: Caller) -> JobOut:
     job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
     lifecycle.request_cancel(uow.session, job=job)
@@ -147,14 +171,16 @@ def cancel_job_route(job_id: str, uow: UoW, caller: Caller) -> JobOut:
     "/jobs/{job_id}/events",
     operation_id="list_job_events",
     response_model=JobEventList,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(404)},
 )
 def job_events_route(
     request: Request,
     job_id: str,
     uow: UoW,
     caller: Caller,
-    after: Annotated[int, Query(ge=0, description="return events with seq > after")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=SQL_INT_MAX, description="return events with seq > after")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobEventList | StreamingResponse:
     job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
@@ -209,7 +235,14 @@ async def _stream_events(
         await asyncio.sleep(poll_s)
 
 
-@router.post("/ping", operation_id="ping", response_model=JobOut, status_code=200, tags=["health"])
+@router.post(
+    "/ping",
+    operation_id="ping",
+    response_model=JobOut,
+    status_code=200,
+    tags=["health"],
+    responses=problem_responses(503),
+)
 async def ping_route(
     uow: UoW,
     caller: Caller,

@@ -16,6 +16,8 @@ from service.body_limit import BodyLimitMiddleware
 from tests.conftest import Stack
 from tests.service.test_app import assert_problem
 
+MULTIPART = "multipart/form-data; boundary=xyz"
+
 
 class EchoApp:
     """Reads the whole body and answers its length; records whether it ran."""
@@ -75,8 +77,8 @@ def _status_and_body(sent: list[Message]) -> tuple[int, dict, dict[str, str]]:
 def test_declared_length_over_the_cap_is_refused_before_the_app_runs() -> None:
     inner = EchoApp()
     sent, pulled = _drive(
-        BodyLimitMiddleware(inner, max_bytes=1000),
-        headers={"content-length": "1001"},
+        BodyLimitMiddleware(inner, max_upload_bytes=1000, max_json_bytes=10**9),
+        headers={"content-length": "1001", "content-type": MULTIPART},
         chunks=[b"x" * 1001],
     )
     status, body, headers = _status_and_body(sent)
@@ -91,8 +93,8 @@ def test_chunked_body_is_refused_as_soon_as_it_passes_the_cap() -> None:
     inner = EchoApp()
     chunks = [b"x" * 1000 for _ in range(20)]
     sent, pulled = _drive(
-        BodyLimitMiddleware(inner, max_bytes=2500),
-        headers={"transfer-encoding": "chunked"},
+        BodyLimitMiddleware(inner, max_upload_bytes=2500, max_json_bytes=10**9),
+        headers={"transfer-encoding": "chunked", "content-type": MULTIPART},
         chunks=chunks,
     )
     status, body, _ = _status_and_body(sent)
@@ -103,9 +105,24 @@ def test_chunked_body_is_refused_as_soon_as_it_passes_the_cap() -> None:
     assert [m["type"] for m in sent].count("http.response.start") == 1
 
 
+def test_other_bodies_have_the_json_cap() -> None:
+    inner = EchoApp()
+    middleware = BodyLimitMiddleware(inner, max_upload_bytes=10**9, max_json_bytes=100)
+    for headers in ({"content-type": "application/json"}, {"content-type": "text/plain"}, {}):
+        sent, pulled = _drive(middleware, headers=headers, chunks=[b"j" * 60] * 5)
+        status, body, _ = _status_and_body(sent)
+        assert (status, body["code"], body["max_json_bytes"]) == (413, "body_too_large", 100)
+        assert pulled == 2
+    declared = {"content-type": "application/json", "content-length": "101"}
+    sent, pulled = _drive(middleware, headers=declared, chunks=[b"j" * 101])
+    assert _status_and_body(sent)[0] == 413 and pulled == 0
+    sent, _ = _drive(middleware, headers={"content-type": MULTIPART}, chunks=[b"m" * 60] * 5)
+    assert _status_and_body(sent)[:2] == (200, {"received": 300})
+
+
 def test_bodies_at_the_cap_pass_through() -> None:
     inner = EchoApp()
-    middleware = BodyLimitMiddleware(inner, max_bytes=3000)
+    middleware = BodyLimitMiddleware(inner, max_upload_bytes=3000, max_json_bytes=3000)
     sent, _ = _drive(middleware, headers={"content-length": "3000"}, chunks=[b"y" * 3000])
     assert _status_and_body(sent)[:2] == (200, {"received": 3000})
     sent, pulled = _drive(middleware, headers={}, chunks=[b"y" * 1000] * 3)
@@ -123,7 +140,9 @@ def test_an_app_that_handles_the_aborted_read_is_still_answered_413() -> None:
             await JSONResponse({"detail": "bad body"}, status_code=400)(scope, receive, send)
 
     sent, pulled = _drive(
-        BodyLimitMiddleware(swallowing_app, max_bytes=10), headers={}, chunks=[b"z" * 8] * 4
+        BodyLimitMiddleware(swallowing_app, max_upload_bytes=10, max_json_bytes=10),
+        headers={},
+        chunks=[b"z" * 8] * 4,
     )
     assert _status_and_body(sent)[0] == 413
     assert pulled == 2
@@ -133,7 +152,8 @@ def test_an_app_that_handles_the_aborted_read_is_still_answered_413() -> None:
 def test_the_app_refuses_oversized_bodies_with_problem_json(stack: Stack) -> None:
     settings = stack.settings.model_copy(update={"max_upload_bytes": 2000})
     with TestClient(create_app(settings)) as small:
-        declared = small.post("/datasets", content=b"a" * 2001)
+        multipart = {"content-type": "multipart/form-data; boundary=xyz"}
+        declared = small.post("/datasets", content=b"a" * 2001, headers=multipart)
         body = assert_problem(declared, 413, "upload_too_large")
         assert declared.headers["connection"] == "close"
         assert body["max_upload_bytes"] == 2000
@@ -144,7 +164,6 @@ def test_the_app_refuses_oversized_bodies_with_problem_json(stack: Stack) -> Non
 
         # A generator body is sent without Content-Length: the counting path answers, while
         # the form parser reads it (FastAPI's own 400 for the failed read is replaced).
-        multipart = {"content-type": "multipart/form-data; boundary=xyz"}
         refused = small.post("/datasets", content=chunked(), headers=multipart)
         assert "content-length" not in refused.request.headers
         assert_problem(refused, 413, "upload_too_large")

@@ -1,0 +1,394 @@
+"""The synchronous client: ``Client(url, api_key)`` with one attribute per API resource."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from typing import Any
+
+import httpx
+
+from lorastack.client import calls, models
+from lorastack.client.config import resolve
+from lorastack.client.errors import ConnectionFailed
+from lorastack.client.follow import (
+    STREAM_FAILURES_BEFORE_POLLING,
+    STREAM_READ_TIMEOUT_S,
+    EventCallback,
+    JobWatch,
+    ProgressCallback,
+)
+from lorastack.client.images import GenerationResult, Image
+from lorastack.client.sse import EventStreamParser
+from lorastack.client.transfer import (
+    Downloaded,
+    DownloadWriter,
+    TransferCallback,
+    open_upload,
+    resume_offset,
+    target_path,
+)
+from lorastack.client.transport import RetryPolicy, SyncTransport
+
+
+class Datasets:
+    """``client.datasets``: upload a folder or zip, list, read, delete."""
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def upload(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str,
+        caption: str | None = None,
+        trigger_word: str | None = None,
+        on_progress: TransferCallback | None = None,
+        idempotency_key: str | None = None,
+    ) -> models.Dataset:
+        """Upload a dataset zip, or a folder (zipped on the fly); answers it with its report."""
+        upload = open_upload(path)
+        try:
+            reader = upload.reader(on_progress)
+            call = calls.create_dataset(
+                name=name,
+                files=lambda: {"file": (upload.filename, reader.rewind(), "application/zip")},
+                caption=caption,
+                trigger_word=trigger_word,
+                idempotency_key=idempotency_key,
+            )
+            return self._t.send(call)
+        finally:
+            upload.close()
+
+    def list(self, *, limit: int | None = None, after: str | None = None) -> models.DatasetList:
+        return self._t.send(calls.list_datasets(limit=limit, after=after))
+
+    def get(self, dataset_id: str) -> models.Dataset:
+        return self._t.send(calls.get_dataset(dataset_id))
+
+    def thumbnail(self, dataset_id: str, index: int, *, size: int | None = None) -> bytes:
+        """A JPEG thumbnail of the dataset's image ``index`` (longest side ``size`` pixels)."""
+        return self._t.send(calls.get_dataset_image(dataset_id, index, size=size))
+
+    def delete(self, dataset_id: str) -> None:
+        self._t.send(calls.delete_dataset(dataset_id))
+
+
+class Jobs:
+    """``client.jobs``: start training, read, list, cancel, follow, checkpoints."""
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def create(
+        self,
+        dataset_id: str,
+        adapter_name: str,
+        *,
+        base_model: str | None = None,
+        hyperparameters: models.Hyperparameters | dict[str, Any] | None = None,
+        dry_run: bool = False,
+        idempotency_key: str | None = None,
+    ) -> models.Job | models.TrainingPlan:
+        """Queue a training run (or, with ``dry_run``, answer its plan without queuing)."""
+        body = calls.train_request(
+            dataset_id,
+            adapter_name,
+            base_model=base_model,
+            hyperparameters=hyperparameters,
+            dry_run=dry_run,
+        )
+        return self._t.send(calls.create_job(body, idempotency_key=idempotency_key))
+
+    def get(self, job_id: str) -> models.Job:
+        return self._t.send(calls.get_job(job_id))
+
+    def list(
+        self,
+        *,
+        kind: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> models.JobList:
+        return self._t.send(calls.list_jobs(limit=limit, after=after, kind=kind, status=status))
+
+    def cancel(self, job_id: str) -> models.Job:
+        return self._t.send(calls.cancel_job(job_id))
+
+    def events(
+        self, job_id: str, *, after: int = 0, limit: int | None = None
+    ) -> models.JobEventList:
+        return self._t.send(calls.list_events(job_id, after=after, limit=limit))
+
+    def checkpoints(self, job_id: str) -> models.CheckpointList:
+        return self._t.send(calls.list_checkpoints(job_id))
+
+    def promote_checkpoint(self, job_id: str, step: int) -> models.PromotedVersion:
+        """Publish a checkpoint as the adapter's next version (a repeat answers the same one)."""
+        return self._t.send(calls.promote_checkpoint(job_id, step))
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        on_progress: ProgressCallback | None = None,
+        on_event: EventCallback | None = None,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+        stream: bool = True,
+        raise_on_failure: bool = True,
+    ) -> models.Job:
+        """Follow a job until it ends; answers the final job.
+
+        Reads the server-sent event stream, reconnecting after the last event seen, and falls
+        back to polling when the stream keeps failing. Raises ``JobFailed`` when the job ends
+        failed or cancelled (unless ``raise_on_failure=False``), ``WaitTimeout`` after
+        ``timeout`` seconds.
+        """
+        watch = JobWatch(job_id, on_progress=on_progress, on_event=on_event, timeout=timeout)
+        watch.saw_job(self.get(job_id))
+        while watch.status not in models.FINAL_STATUSES:
+            if stream and watch.stream_failures < STREAM_FAILURES_BEFORE_POLLING:
+                if not self._follow_stream(watch):
+                    time.sleep(min(poll_interval, 1.0))
+            else:
+                for event in self.events(job_id, after=watch.last_seq, limit=500).data:
+                    watch.feed(event)
+                watch.saw_job(self.get(job_id))
+                if watch.status not in models.FINAL_STATUSES:
+                    watch.check_deadline()
+                    time.sleep(poll_interval)
+            watch.check_deadline()
+        return watch.finish(self.get(job_id), raise_on_failure=raise_on_failure)
+
+    def _follow_stream(self, watch: JobWatch) -> bool:
+        """Read the event stream until it ends; False when it failed."""
+        call = calls.stream_events(
+            watch.job_id, after=watch.last_seq, read_timeout_s=STREAM_READ_TIMEOUT_S
+        )
+        parser = EventStreamParser()
+        try:
+            with self._t.open(call) as response:
+                if "text/event-stream" not in response.headers.get("content-type", ""):
+                    watch.stream_failures = STREAM_FAILURES_BEFORE_POLLING  # no SSE here: poll
+                    return False
+                for line in response.iter_lines():
+                    sse = parser.feed(line)
+                    if sse is not None and sse.data:
+                        watch.feed(models.JobEvent.model_validate_json(sse.data))
+                    watch.check_deadline()
+        except (httpx.TransportError, ConnectionFailed):
+            watch.stream_failures += 1
+            return False
+        watch.stream_failures = 0
+        # The server ends the stream after the final state event; otherwise read the job.
+        if watch.status not in models.FINAL_STATUSES:
+            watch.saw_job(self.get(watch.job_id))
+        return True
+
+
+class Adapters:
+    """``client.adapters``: list, read, download, aliases, import, delete."""
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def list(
+        self,
+        *,
+        base_model: str | None = None,
+        prefix: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> models.AdapterList:
+        return self._t.send(
+            calls.list_adapters(limit=limit, after=after, base_model=base_model, prefix=prefix)
+        )
+
+    def get(self, name: str) -> models.Adapter:
+        return self._t.send(calls.get_adapter(name))
+
+    def version(self, name: str, version: str | int = "latest") -> models.AdapterVersion:
+        return self._t.send(calls.get_version(name, version))
+
+    def delete(self, name: str) -> None:
+        self._t.send(calls.delete_adapter(name))
+
+    def delete_version(self, name: str, version: str | int, *, force: bool = False) -> None:
+        self._t.send(calls.delete_version(name, version, force=force))
+
+    def set_alias(self, name: str, alias: str, version: int) -> models.Alias:
+        return self._t.send(calls.put_alias(name, alias, version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._t.send(calls.delete_alias(name, alias))
+
+    def import_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str,
+        base_model: str,
+        idempotency_key: str | None = None,
+    ) -> models.ImportedVersion:
+        """Import a LoRA safetensors file (diffusers, peft or kohya) as the next version."""
+        upload = open_upload(path)
+        try:
+            reader = upload.reader(None)
+            call = calls.import_adapter(
+                name=name,
+                base_model=base_model,
+                files=lambda: {
+                    "file": (upload.filename, reader.rewind(), "application/octet-stream")
+                },
+                idempotency_key=idempotency_key,
+            )
+            return self._t.send(call)
+        finally:
+            upload.close()
+
+    def download(
+        self,
+        name: str,
+        version: str | int = "latest",
+        *,
+        format: str = "diffusers",
+        path: str | os.PathLike[str] | None = None,
+        on_progress: TransferCallback | None = None,
+    ) -> Downloaded:
+        """Download a version's safetensors file to ``path`` (a file or a folder), resuming an
+        interrupted download (``<path>.part``) with a Range request; checked against the ETag."""
+        target = target_path(path, name=name, version=version, fmt=format)
+        for _ in range(2):  # a second pass only when a resumed part was of other bytes
+            offset = resume_offset(target)
+            call = calls.download_version(name, version, fmt=format, offset=offset)
+            with self._t.open(call) as response:
+                writer = DownloadWriter(
+                    target,
+                    status=response.status_code,
+                    headers=response.headers,
+                    offset=offset,
+                    on_progress=on_progress,
+                )
+                try:
+                    for chunk in response.iter_bytes():
+                        writer.write(chunk)
+                finally:
+                    writer.close()
+            done = writer.complete()
+            if done is not None:
+                return done
+        raise ConnectionFailed(f"download of {name}@{version} did not match its ETag twice")
+
+
+class Client:
+    """A lorastack API client.
+
+    ``url`` and ``api_key`` default to ``LORASTACK_URL`` / ``LORASTACK_API_KEY``, then to what
+    `lorastack login` saved. ``timeout`` is seconds per request (or an ``httpx.Timeout``);
+    429 and 503 answers and dropped connections are retried up to ``max_retries`` times.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout = 60.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        http: httpx.Client | None = None,
+    ) -> None:
+        credentials = resolve(url, api_key)
+        self.url = credentials.url
+        self._t = SyncTransport(
+            base_url=credentials.url,
+            api_key=credentials.api_key,
+            timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
+            policy=RetryPolicy(max_retries=max_retries, backoff_s=backoff_s),
+            http=http,
+        )
+        self.datasets = Datasets(self._t)
+        self.jobs = Jobs(self._t)
+        self.adapters = Adapters(self._t)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        adapters: list[calls.AdapterSpec] | None = None,
+        negative_prompt: str | None = None,
+        base_model: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        num_images: int | None = None,
+        scheduler: str | None = None,
+        wait: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> GenerationResult:
+        """Generate images with any mix of adapters (``"name@ref"`` or ``("name", 0.8)``).
+
+        When the server does not finish within its wait, the job is followed to the end and
+        the request resent with the same Idempotency-Key, which answers that job's images.
+        """
+        body = calls.generate_request(
+            prompt,
+            adapters=adapters,
+            negative_prompt=negative_prompt,
+            base_model=base_model,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            width=width,
+            height=height,
+            seed=seed,
+            num_images=num_images,
+            scheduler=scheduler,
+            wait=wait,
+        )
+        call = calls.generate(body, idempotency_key=idempotency_key)
+        answer = self._t.send(call)
+        if isinstance(answer, models.Job):
+            self.jobs.wait(answer.id)
+            answer = self._t.send(call)
+        if isinstance(answer, models.Job):
+            raise ConnectionFailed(f"generation job {answer.id} ended but answered no images")
+        return GenerationResult(
+            generation=answer, images=[self._image(info) for info in answer.images]
+        )
+
+    def _image(self, info: models.ImageInfo) -> Image:
+        if info.b64_json is not None:
+            return Image(info=info, data=base64.b64decode(info.b64_json))
+        return Image(info=info, data=self.image(info.id))
+
+    def image(self, image_id: str) -> bytes:
+        """A generated image's PNG bytes."""
+        return self._t.send(calls.get_image(image_id))
+
+    def workers(self) -> models.WorkerList:
+        """Live workers: queues, base model, device, current job."""
+        return self._t.send(calls.list_workers())
+
+    def ping(self, *, queue: str = "generate", wait: float = 10) -> models.Job:
+        """Send a trivial task through the queue to a worker and back; answers the ping job."""
+        return self._t.send(calls.ping(queue=queue, wait=wait))
+
+    def ready(self) -> dict[str, Any]:
+        """The server's readiness checks (raises ``ServerError`` when not ready)."""
+        return self._t.send(calls.readiness())
+
+    def close(self) -> None:
+        self._t.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
