@@ -25,6 +25,7 @@ from service.jobs.routes import router as jobs_router
 from service.notify import DoneListener
 from service.problems import install_problem_handlers, install_problem_openapi
 from service.queue import TaskSender, make_celery, send_after_commit
+from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware
 from service.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
-        app.state.sender = TaskSender(celery)
+        app.state.sender = TaskSender(celery, publish_timeout_s=settings.dispatch_publish_timeout_s)
         send_after_commit(app.state.session_factory, app.state.sender)
         app.state.store = ArtifactStore(settings.resolved_artifact_dir)
         sweep_leftovers(app.state.store, started_at=started_at)
         app.state.key_cache = KeyCache(settings.auth_cache_ttl_s)
         app.state.redis = aioredis.Redis.from_url(settings.redis_client_url)
+        app.state.rate_limiter = (
+            RateLimiter(
+                app.state.redis,
+                rate=settings.rate_limit_per_s,
+                burst=settings.rate_limit_burst,
+                key_prefix=settings.redis_key_prefix,
+            )
+            if settings.rate_limit_per_s > 0
+            else None
+        )
         app.state.done_listener = DoneListener(app.state.redis, settings)
         await app.state.done_listener.start()
         try:
@@ -83,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_upload_bytes=settings.max_upload_bytes,
         max_json_bytes=settings.max_json_bytes,
     )
+    app.add_middleware(RateLimitHeadersMiddleware)
     app.include_router(health_router)
     app.include_router(jobs_router)
     app.include_router(datasets_router)

@@ -108,13 +108,38 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 5.0
     worker_stale_s: float = 30.0
     visibility_timeout_s: int = 6 * 3600 + 600
-    job_lease_s: float = 60.0
+    # A stale job is reaped within job_lease_s + one heartbeat (25 + 5 = 30 s by default).
+    job_lease_s: float = Field(default=25.0, gt=0)
     job_max_attempts: int = 3
+
+    # Durable dispatch: a worker's heartbeat compares queued jobs with queued messages every
+    # dispatch_check_s and re-sends jobs queued for longer than dispatch_resend_after_s that
+    # have no message (Redis restarted empty, a publish failed).
+    dispatch_check_s: float = Field(default=5.0, gt=0)
+    dispatch_resend_after_s: float = Field(default=10.0, ge=0)
+    # Seconds a publish to Redis may take (retries included) before the API gives up on it
+    # and leaves the job, already committed, to the re-send.
+    dispatch_publish_timeout_s: float = Field(default=1.0, gt=0)
+
+    # Per-tenant quotas, per job kind: more queued jobs answer 429; a tenant at its running
+    # cap is skipped by the fair lease until one of its jobs ends.
+    tenant_max_queued_train: int = Field(default=100, ge=1)
+    tenant_max_queued_generate: int = Field(default=1000, ge=1)
+    tenant_max_running_train: int = Field(default=16, ge=1)
+    tenant_max_running_generate: int = Field(default=16, ge=1)
+    quota_retry_after_s: int = Field(default=5, ge=1)
+    # Request rate per API key (token bucket in Redis); 0 turns it off.
+    rate_limit_per_s: float = Field(default=50.0, ge=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
 
     # Generation limits (out of range answers 422 naming the limit).
     generate_max_steps: int = 150
     generate_max_pixels: int = 1024 * 1024
     generate_max_side: int = 2048
+    # Relative to the base model's native size, too: cost grows with pixels (and worse where
+    # attention runs at full resolution), so a model is not asked far beyond what it serves.
+    generate_max_side_factor: float = Field(default=2.0, gt=0)
+    generate_max_pixels_factor: float = Field(default=4.0, gt=0)
     generate_max_images: int = 8
     generate_max_prompt_chars: int = 2000
     generate_max_adapters: int = 4
@@ -123,6 +148,15 @@ class Settings(BaseSettings):
     # A waiting request is woken by a Redis notification; it re-reads SQL at least this often.
     generate_poll_s: float = Field(default=1.0, gt=0)
     generate_batch_max: int = 8
+    # The OpenAI route answers within this (well under the SDK's 600 s timeout); an SDK retry
+    # of the same request within openai_retry_window_s attaches to the first request's job.
+    openai_wait_s: float = Field(default=120.0, gt=0)
+    openai_retry_window_s: float = Field(default=900.0, gt=0)
+
+    # Training admission by the dry-run plan (unset = not checked): the memory a training
+    # worker has, and the longest estimated run accepted.
+    train_max_memory_bytes: int | None = Field(default=None, gt=0)
+    train_max_duration_s: float | None = Field(default=None, gt=0)
 
     # Inference engine in each worker (adapter slots and cache tiers).
     inference_max_rank: int = 64
@@ -183,6 +217,18 @@ class Settings(BaseSettings):
         if value not in ("development", "production", "test"):
             raise ValueError("must be development, production or test")
         return value
+
+    def tenant_max_queued(self, kind: str) -> int | None:
+        return {
+            "train": self.tenant_max_queued_train,
+            "generate": self.tenant_max_queued_generate,
+        }.get(kind)
+
+    def tenant_max_running(self, kind: str) -> int | None:
+        return {
+            "train": self.tenant_max_running_train,
+            "generate": self.tenant_max_running_generate,
+        }.get(kind)
 
     @property
     def resolved_database_url(self) -> str:

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from service.auth import KeyCache, Principal, hash_key, lookup_key
 from service.config import Settings
 from service.errors import Unauthorized
+from service.ratelimit import STATE_KEY, RateLimiter
 from service.storage import ArtifactStore
 
 
@@ -83,6 +84,9 @@ async def get_principal(
         if principal is None:
             raise Unauthorized("invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         cache.put(key_hash, principal)
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    if limiter is not None:
+        setattr(request.state, STATE_KEY, await limiter.take(principal.key_id))
     return principal
 
 

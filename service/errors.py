@@ -75,3 +75,26 @@ class UnsupportedMediaType(ServiceError):
 class ServiceUnavailable(ServiceError):
     status = 503
     code = "unavailable"
+
+
+class TooManyRequests(ServiceError):
+    """429 with Retry-After: a quota or the request rate; ``extra`` names the limit."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retry_after_s: int,
+        code: str | None = None,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            detail,
+            code=code,
+            extra=extra,
+            headers={**(headers or {}), "Retry-After": str(max(int(retry_after_s), 1))},
+        )

@@ -108,7 +108,8 @@ class Job(Base):
         _status_check("status", "status", JobStatus),
         _status_check("kind", "kind", JobKind),
         Index("ix_job_status_queued_at", "status", "queued_at"),
-        Index("ix_job_tenant_id_kind", "tenant_id", "kind"),
+        # Quota counts (queued per tenant and kind) and the fair lease read by these three.
+        Index("ix_job_tenant_id_kind_status", "tenant_id", "kind", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))

@@ -6,6 +6,7 @@ Tasks are sent by name with ids only; neither the API nor the lifecycle imports 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
@@ -30,6 +31,8 @@ TASK_FOR_KIND: dict[str, str] = {
     JobKind.GENERATE.value: TASK_GENERATE,
     JobKind.PING.value: TASK_PING,
 }
+
+log = logging.getLogger("lorastack.queue")
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -68,13 +71,48 @@ def make_celery(settings: Settings) -> Celery:
 
 
 class TaskSender:
-    """Sends tasks by name; the API's only contact with Celery."""
+    """Sends tasks by name; the API's only contact with Celery.
 
-    def __init__(self, celery: Celery) -> None:
+    A send happens after the job's row is committed, so it must not fail the request: when
+    Redis is down the job stays queued in SQL and a worker's re-send delivers it once Redis is
+    back (service/jobs/dispatch.py). A publish gives up after about ``publish_timeout_s``.
+    """
+
+    def __init__(self, celery: Celery, *, publish_timeout_s: float = 1.0) -> None:
         self.celery = celery
+        step = max(publish_timeout_s / 4, 0.05)
+        self._retry_policy = {
+            "max_retries": 3,
+            "interval_start": 0,
+            "interval_step": step,
+            "interval_max": step,
+        }
 
-    def send(self, task: str, *, job_id: str, queue: str) -> None:
-        self.celery.send_task(task, args=[job_id], queue=queue)
+    def send(self, task: str, *, job_id: str, queue: str) -> bool:
+        """Publish the job's message; False (logged) when Redis could not take it."""
+        try:
+            self.celery.send_task(
+                task, args=[job_id], queue=queue, retry=True, retry_policy=self._retry_policy
+            )
+        except Exception as exc:  # kombu/redis raise several types; none may fail the request
+            log.warning("could not send %s for %s (%s); it will be re-sent", task, job_id, exc)
+            return False
+        return True
+
+    def send_job(self, *, job_id: str, kind: str, queue: str) -> bool:
+        return self.send(TASK_FOR_KIND[kind], job_id=job_id, queue=queue)
+
+    def queued_messages(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (0 when the queue doesn't exist, e.g. Redis restarted
+        empty and no worker has declared it again yet)."""
+        from kombu.exceptions import ChannelError
+
+        with self.celery.connection_for_read() as conn:
+            try:
+                _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+            except ChannelError:
+                return 0
+            return int(count)
 
 
 _PENDING_SENDS = "lorastack.pending_sends"

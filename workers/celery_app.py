@@ -31,6 +31,8 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     if sender is not None:
         runtime.queues = tuple(sender.app.amqp.queues.consume_from)
     runtime.start_heartbeat()
+    if "train" in runtime.queues:
+        import workers.training  # noqa: F401  (diffusers, peft: imported now, not in a job)
     if "generate" in runtime.queues:
         from workers.generation import get_engine
 

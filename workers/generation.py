@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from service import lifecycle
@@ -22,7 +23,11 @@ from workers.runtime import WorkerRuntime
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-    from workers.engine.inference.generation import GenerationRequest, InferenceEngine
+    from workers.engine.inference.generation import (
+        GenerationProgress,
+        GenerationRequest,
+        InferenceEngine,
+    )
 
 log = logging.getLogger("lorastack.worker")
 
@@ -40,6 +45,14 @@ _BATCH_MATES = (
     .limit(bindparam("limit"))
 )
 _INSERT_IMAGES = insert(cast(Table, Image.__table__))
+_held = (_job.id.in_(bindparam("job_ids", expanding=True)), _job.lease_owner == bindparam("owner"))
+_BATCH_STATUS = select(_job.id, _job.status).where(*_held)
+_WRITE_PROGRESS = (
+    update(lifecycle.JOB_TABLE)
+    .where(*_held)
+    .values(progress=bindparam("progress"))
+    .execution_options(synchronize_session=False)
+)
 
 _engine: InferenceEngine | None = None
 
@@ -97,12 +110,15 @@ def _to_request(job: LeasedJob) -> GenerationRequest:
     )
 
 
-def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[LeasedJob]:
-    """Lease the job and the queued jobs that can share its pipeline call (same base model, the
-    one this worker serves, and same ``job_params.batch_key``). Their own messages arrive later,
-    find the lease taken and do nothing."""
-    first = lifecycle.take_lease(
-        session, job_id=job_id, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
+def _lease_batch(session: Session, rt: WorkerRuntime, message_job_id: str) -> list[LeasedJob]:
+    """Lease the fairest queued job for this worker's base model (service/dispatch.py;
+    usually the message's own) and the queued jobs that can share its pipeline call (same base
+    model and batch key). Messages naming a job leased here lease the next fair job instead."""
+    first = rt.lease_fair(
+        session,
+        kind=JobKind.GENERATE.value,
+        base_model=rt.settings.default_base_model,
+        hint_job_id=message_job_id,
     )
     if first is None:
         return []
@@ -126,14 +142,19 @@ def _lease_batch(session: Session, rt: WorkerRuntime, job_id: str) -> list[Lease
     return [first, *sorted(others, key=lambda j: j.queued_at)]
 
 
-def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
+def run_generation_job(rt: WorkerRuntime, message_job_id: str) -> None:
+    from workers.engine.inference.generation import GenerationCancelled
+
     serves = rt.settings.default_base_model
     with transaction(rt.session_factory) as session:
-        batch = _lease_batch(session, rt, job_id)
+        batch = _lease_batch(session, rt, message_job_id)
     if not batch:
-        log.info("generate %s: not queued any more (done, batched or cancelled)", job_id)
+        log.info(
+            "generate %s: nothing queued any more (done, batched or cancelled)", message_job_id
+        )
         return
-    rt.current_job_id = job_id
+    job_id = batch[0].id
+    rt.hold([job.id for job in batch])
     try:
         if batch[0].base_model != serves:
             _fail(
@@ -144,15 +165,65 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
             )
             return
         engine = get_engine(rt)
-        results = engine.generate_batch([_to_request(job) for job in batch])
-        _record(rt, batch, results)
+        progress = _ProgressReporter(rt, [job.id for job in batch])
+        results = engine.generate_batch(
+            [_to_request(job) for job in batch], on_step=progress.on_step
+        )
+        _record(rt, batch, results, cancelled=progress.cancelled)
         rt.info["inference"] = engine.snapshot()
+    except GenerationCancelled:
+        _finish_all(rt, batch, JobStatus.CANCELLED)
     except Exception as exc:
         log.exception("generate %s failed", job_id)
         code = "invalid_request" if isinstance(exc, ValueError) else "internal_error"
         _fail(rt, batch, code, f"{type(exc).__name__}: {exc}")
     finally:
-        rt.current_job_id = None
+        rt.hold([])
+
+
+# A cancel is seen within one denoising step, or this long when steps are shorter (tiny
+# models on a CPU take milliseconds a step: a read per step would cost more than the step).
+CANCEL_CHECK_S = 0.1
+PROGRESS_INTERVAL_S = 0.5
+
+
+class _ProgressReporter:
+    """After denoising steps: read the batch's cancel flags (the pipeline stops once every job
+    of the batch asked to cancel) and write progress into SQL, throttled as training's is."""
+
+    def __init__(self, rt: WorkerRuntime, job_ids: list[str]) -> None:
+        self.rt = rt
+        self.job_ids = job_ids
+        self.cancelled: set[str] = set()
+        self._last_check = time.monotonic()
+        self._last_write = self._last_check
+
+    def on_step(self, progress: GenerationProgress) -> bool:
+        now = time.monotonic()
+        if now - self._last_check < CANCEL_CHECK_S:
+            return False
+        self._last_check = now
+        write = now - self._last_write >= PROGRESS_INTERVAL_S
+        data = {
+            "step": progress.step,
+            "total_steps": progress.total_steps,
+            "images_done": progress.images_done,
+            "images_total": progress.images_total,
+        }
+        with transaction(self.rt.session_factory) as session:
+            statuses = session.execute(
+                _BATCH_STATUS, {"job_ids": self.job_ids, "owner": self.rt.worker_id}
+            ).all()
+            if write:
+                self._last_write = now
+                session.execute(
+                    _WRITE_PROGRESS,
+                    {"job_ids": self.job_ids, "owner": self.rt.worker_id, "progress": data},
+                )
+        self.cancelled = {
+            job_id for job_id, status in statuses if status == JobStatus.CANCEL_REQUESTED.value
+        }
+        return len(self.cancelled) == len(self.job_ids)
 
 
 def _store_png(store: ArtifactStore, key: str, picture: PILImage) -> None:
@@ -162,8 +233,11 @@ def _store_png(store: ArtifactStore, key: str, picture: PILImage) -> None:
     store.write_bytes(key, buffer.getvalue(), sync=False)
 
 
-def _record(rt: WorkerRuntime, batch: list[LeasedJob], results: list[Any]) -> None:
-    """Store every image, finish every job in one transaction, then wake the waiters.
+def _record(
+    rt: WorkerRuntime, batch: list[LeasedJob], results: list[Any], *, cancelled: set[str]
+) -> None:
+    """Store every image, finish every job in one transaction, then wake the waiters. A job
+    that asked to cancel while its batch mates carried on ends cancelled, without images.
 
     Each file is in place (renamed whole) before its row is committed; the fsync that makes it
     durable comes after the waiters are woken, off the request's path.
@@ -174,6 +248,11 @@ def _record(rt: WorkerRuntime, batch: list[LeasedJob], results: list[Any]) -> No
     now = utcnow()
     with transaction(rt.session_factory) as session:
         for job, result in zip(batch, results, strict=True):
+            if job.id in cancelled:
+                outcomes[job.id] = lifecycle.finish_job(
+                    session, job_id=job.id, owner=rt.worker_id, status=JobStatus.CANCELLED
+                )
+                continue
             images: list[dict[str, Any]] = []
             for picture, seed in zip(result.images, result.seeds, strict=True):
                 image = {
@@ -222,15 +301,25 @@ def _record(rt: WorkerRuntime, batch: list[LeasedJob], results: list[Any]) -> No
 
 
 def _fail(rt: WorkerRuntime, jobs: list[LeasedJob], code: str, message: str) -> None:
+    _finish_all(rt, jobs, JobStatus.FAILED, error=(code, message))
+
+
+def _finish_all(
+    rt: WorkerRuntime,
+    jobs: list[LeasedJob],
+    status: JobStatus,
+    *,
+    error: tuple[str, str] | None = None,
+) -> None:
     with transaction(rt.session_factory) as session:
         outcomes = {
             job.id: lifecycle.finish_job(
                 session,
                 job_id=job.id,
                 owner=rt.worker_id,
-                status=JobStatus.FAILED,
-                error_code=code,
-                error_message=message,
+                status=status,
+                error_code=error[0] if error else None,
+                error_message=error[1] if error else None,
             )
             for job in jobs
         }

@@ -19,7 +19,7 @@ from service.db import transaction, utcnow
 from service.errors import ServiceError
 from service.job_params import TrainParams
 from service.lifecycle import LeasedJob
-from service.models import Checkpoint, Dataset, DatasetStatus, Image, Job, JobStatus
+from service.models import Checkpoint, Dataset, DatasetStatus, Image, Job, JobKind, JobStatus
 from service.publishing import publish_job_version, store_job_weights
 from workers.engine.training.callbacks import (
     CheckpointInfo,
@@ -168,13 +168,18 @@ class SqlCallbacks(NullCallbacks):
         return bool(row.status == JobStatus.CANCEL_REQUESTED.value)
 
 
-def run_training_job(rt: WorkerRuntime, job_id: str) -> None:
-    """Lease the job, train (resuming from its last checkpoint), publish, record the outcome."""
-    job = rt.lease(job_id)
+def run_training_job(rt: WorkerRuntime, message_job_id: str) -> None:
+    """Lease the fairest queued training job (service/jobs/dispatch.py; usually the message's
+    own), train (resuming from its last checkpoint), publish, record the outcome."""
+    with transaction(rt.session_factory) as session:
+        job = rt.lease_fair(
+            session, kind=JobKind.TRAIN.value, base_model=None, hint_job_id=message_job_id
+        )
     if job is None:
-        log.info("train %s: not queued any more (duplicate delivery or cancelled)", job_id)
+        log.info("train %s: nothing queued any more (duplicate or cancelled)", message_job_id)
         return
-    rt.current_job_id = job_id
+    job_id = job.id
+    rt.hold([job_id])
     try:
         _train_and_publish(rt, job)
     except LeaseLost:
@@ -190,7 +195,7 @@ def run_training_job(rt: WorkerRuntime, job_id: str) -> None:
                 log.exception("train %s failed", job_id)
             _finish(rt, job_id, JobStatus.FAILED, error=(code, message))
     finally:
-        rt.current_job_id = None
+        rt.hold([])
 
 
 def _classify(exc: Exception) -> tuple[str, str]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
@@ -15,6 +16,7 @@ from service import lifecycle
 from service.db import new_id
 from service.deps import AppSettings, Caller, Store, UoW
 from service.errors import NotFound, ServiceUnavailable, Unprocessable, field_error
+from service.generation.retries import OpenAIRetries
 from service.generation.schemas import (
     GenerateOut,
     GenerateRequest,
@@ -50,16 +52,21 @@ async def _run(
     body: GenerateRequest,
     wait_s: float,
     idempotency_key: str | None,
+    attach_to: str | None = None,
+    on_created: Callable[[str], Awaitable[None]] | None = None,
 ) -> tuple[Job, bool]:
     """Create the job, send it, and wait up to ``wait_s`` for it to finish; returns the job as
     committed then (succeeded, failed, or still queued or running) and whether the request
-    was a replay of an earlier one with the same Idempotency-Key."""
+    was a replay of an earlier one with the same Idempotency-Key. With ``attach_to`` (a job an
+    earlier attempt of this request created), wait for that job instead."""
     settings = request.app.state.settings
     listener: DoneListener = request.app.state.done_listener
-    new_job_id = new_id("job")
+    new_job_id = attach_to or new_id("job")
 
     def create_and_commit() -> tuple[str, Job | None]:
         """(id of the job to wait for, the job if this request created it)."""
+        if attach_to is not None:
+            return attach_to, None
         made: list[Job] = []
 
         def create() -> str:
@@ -92,6 +99,8 @@ async def _run(
     # then poll it (its notification, if any, was for the first request).
     with listener.waiting(new_job_id) as waiter:
         job_id, created = await run_in_threadpool(create_and_commit)
+        if created is not None and on_created is not None:
+            await on_created(job_id)
         wait_first = created is not None
         deadline = time.monotonic() + wait_s
         while True:
@@ -220,8 +229,18 @@ async def openai_images_route(
     caller: Caller,
     settings: AppSettings,
     store: Store,
+    idempotency_key: IdempotencyKeyHeader = None,
+    retry_count: Annotated[
+        str | None, Header(alias="x-stainless-retry-count", include_in_schema=False)
+    ] = None,
 ) -> OpenAIImagesResponse:
-    """OpenAI-compatible: `model` is an adapter ref (weight 1) or a base model name."""
+    """OpenAI-compatible: `model` is an adapter ref (weight 1) or a base model name.
+
+    Answers within LORASTACK_OPENAI_WAIT_S (else 503 with Retry-After). The OpenAI SDK retries
+    a timed-out or failed request with the same body and an ``x-stainless-retry-count`` header
+    but no idempotency key: such a retry waits for the job its first attempt created instead
+    of running the request twice (service/generation/retries.py).
+    """
     width, height = body.dimensions()
     adapters = []
     base_model = None
@@ -247,14 +266,28 @@ async def openai_images_route(
             ),
         }
     )
+    retries = OpenAIRetries(
+        request.app.state.redis,
+        key_prefix=settings.redis_key_prefix,
+        window_s=settings.openai_retry_window_s,
+    )
+    first_attempt = (
+        await retries.find(tenant_id=caller.tenant_id, payload=body)
+        if retry_count and retry_count != "0"
+        else None
+    )
     try:
         job, _ = await _run(
             request,
             uow,
             tenant_id=caller.tenant_id,
             body=generate,
-            wait_s=settings.generate_max_wait_s,
-            idempotency_key=None,
+            wait_s=settings.openai_wait_s,
+            idempotency_key=idempotency_key,
+            attach_to=first_attempt,
+            on_created=lambda job_id: retries.remember(
+                tenant_id=caller.tenant_id, payload=body, job_id=job_id
+            ),
         )
     except Unprocessable as exc:
         fields = [e.get("field") for e in exc.extra.get("errors", [])]
@@ -265,8 +298,13 @@ async def openai_images_route(
     if job.status == JobStatus.FAILED.value:
         raise failed_job_problem(job)
     if job.status != JobStatus.SUCCEEDED.value:
+        # The SDK retries a 503 (after Retry-After); its retry waits for this same job.
         raise ServiceUnavailable(
-            "generation did not finish in time", code="generation_timeout", extra={"job_id": job.id}
+            f"generation did not finish within {settings.openai_wait_s:g} s "
+            "(LORASTACK_OPENAI_WAIT_S); a retry of this request waits for the same job",
+            code="generation_timeout",
+            extra={"job_id": job.id},
+            headers={"Retry-After": "1"},
         )
     answer = await _answer(request, uow, store, job=job, response_format=body.response_format)
     created = int(job.finished_at.timestamp()) if job.finished_at else int(time.time())

@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import lifecycle
+from service import dispatch, lifecycle
 from service.adapters.refs import resolve_ref
 from service.base_models import local_folder, native_size, resolve_base_model
 from service.config import Settings
@@ -26,8 +26,11 @@ from service.registry import check_base_model
 from service.storage import ArtifactStore
 
 
-def _limit(settings: Settings, field: str, value: float, setting: str) -> None:
-    maximum = getattr(settings, setting)
+def _limit(
+    settings: Settings, field: str, value: float, setting: str, *, maximum: float | None = None
+) -> None:
+    """422 when ``value`` is over ``setting`` (or over ``maximum`` derived from it)."""
+    maximum = getattr(settings, setting) if maximum is None else maximum
     if value > maximum:
         raise field_error(
             field,
@@ -36,7 +39,9 @@ def _limit(settings: Settings, field: str, value: float, setting: str) -> None:
         )
 
 
-def _check_limits(settings: Settings, body: GenerateRequest, *, width: int, height: int) -> None:
+def _check_limits(
+    settings: Settings, body: GenerateRequest, *, width: int, height: int, native: int
+) -> None:
     """422 naming the first field over its configured limit."""
     _limit(settings, "prompt", len(body.prompt), "generate_max_prompt_chars")
     if body.negative_prompt:
@@ -47,6 +52,13 @@ def _check_limits(settings: Settings, body: GenerateRequest, *, width: int, heig
     _limit(settings, "width", width, "generate_max_side")
     _limit(settings, "height", height, "generate_max_side")
     _limit(settings, "width", width * height, "generate_max_pixels")
+    # Relative to the model's native size too: cost grows with pixels (a tiny model asked for
+    # 2048 px kept a worker busy for many minutes), see docs/architecture.md, admission.
+    max_side = int(native * settings.generate_max_side_factor)
+    for field, value in (("width", width), ("height", height)):
+        _limit(settings, field, value, "generate_max_side_factor", maximum=max_side)
+    max_pixels = int(native * native * settings.generate_max_pixels_factor)
+    _limit(settings, "width", width * height, "generate_max_pixels_factor", maximum=max_pixels)
 
 
 def _resolve_adapters(
@@ -92,7 +104,7 @@ def create_generation_job(
     folder = local_folder(source)
     side = (native_size(folder) if folder else None) or 512
     width, height = body.width or side, body.height or side
-    _check_limits(settings, body, width=width, height=height)
+    _check_limits(settings, body, width=width, height=height, native=side)
     adapters = _resolve_adapters(session, tenant_id=tenant_id, base_model=base_model, body=body)
     spec = GenerationSpec(
         prompt=body.prompt,
@@ -106,6 +118,9 @@ def create_generation_job(
         scheduler=body.scheduler,
     )
     params = GenerateParams.build(base_model=base_model, request=spec, adapters=adapters)
+    dispatch.check_queued_quota(
+        session, settings=settings, tenant_id=tenant_id, kind=JobKind.GENERATE.value
+    )
     return lifecycle.create_job(
         session,
         tenant_id=tenant_id,

@@ -86,13 +86,16 @@ async def create_job_route(
         )
 
     dataset, base_model, source = await run_in_threadpool(validate)
-    if body.dry_run:
-        response.status_code = 200
-        return await run_in_threadpool(
+    if body.dry_run or settings.train_max_memory_bytes or settings.train_max_duration_s:
+        plan = await run_in_threadpool(
             lambda: training.plan_training(
                 body=body, dataset=dataset, base_model=base_model, source=source
             )
         )
+        if body.dry_run:
+            response.status_code = 200
+            return plan
+        training.admit_by_plan(plan, settings=settings)
 
     def create() -> tuple[JobOut, bool]:
         job_id, created = create_once(

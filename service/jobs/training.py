@@ -10,12 +10,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import lifecycle
+from service import dispatch, lifecycle
 from service.base_models import linear_module_names, local_folder, missing_targets
 from service.base_models import resolve_base_model as resolve_model
 from service.config import Settings
 from service.datasets.service import get_dataset
-from service.errors import NotFound, ServiceUnavailable, field_error
+from service.errors import NotFound, ServiceUnavailable, Unprocessable, field_error
 from service.fleet import live_workers
 from service.job_params import TrainParams
 from service.jobs.training_schemas import TrainingPlanOut, TrainJobCreate
@@ -92,6 +92,9 @@ def create_training_job(
     dataset: Dataset,
     base_model: str,
 ) -> Job:
+    dispatch.check_queued_quota(
+        session, settings=settings, tenant_id=tenant_id, kind=JobKind.TRAIN.value
+    )
     return lifecycle.create_job(
         session,
         tenant_id=tenant_id,
@@ -148,3 +151,40 @@ def plan_training(
         hyperparameters=body.hyperparameters.resolved(),
         **answer["plan"],
     )
+
+
+def admit_by_plan(plan: TrainingPlanOut, *, settings: Settings) -> None:
+    """Refuse (422 with the plan's figures) a run whose plan exceeds the training workers'
+    memory (LORASTACK_TRAIN_MAX_MEMORY_BYTES) or the longest run accepted
+    (LORASTACK_TRAIN_MAX_DURATION_S)."""
+    figures = {
+        "peak_memory_bytes": plan.peak_memory_bytes,
+        "memory": plan.memory,
+        "estimated_duration_s": plan.estimated_duration_s,
+        "total_steps": plan.total_steps,
+        "seconds_per_step": plan.seconds_per_step,
+    }
+    memory_cap = settings.train_max_memory_bytes
+    if memory_cap is not None and plan.peak_memory_bytes > memory_cap:
+        raise Unprocessable(
+            f"the plan's peak memory {plan.peak_memory_bytes} bytes is over the training "
+            f"workers' {memory_cap} (LORASTACK_TRAIN_MAX_MEMORY_BYTES): lower the resolution, "
+            "batch size or rank, or turn on gradient checkpointing",
+            code="plan_over_memory",
+            extra={
+                "plan": figures,
+                "limit": {"name": "LORASTACK_TRAIN_MAX_MEMORY_BYTES", "value": memory_cap},
+            },
+        )
+    duration_cap = settings.train_max_duration_s
+    duration = plan.estimated_duration_s
+    if duration_cap is not None and duration is not None and duration > duration_cap:
+        raise Unprocessable(
+            f"the plan's estimated duration {duration:.0f} s is over the limit "
+            f"{duration_cap:g} s (LORASTACK_TRAIN_MAX_DURATION_S): train fewer steps",
+            code="plan_over_duration",
+            extra={
+                "plan": figures,
+                "limit": {"name": "LORASTACK_TRAIN_MAX_DURATION_S", "value": duration_cap},
+            },
+        )

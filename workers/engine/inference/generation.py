@@ -85,6 +85,31 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class GenerationProgress:
+    """Where a ``generate_batch`` call is: denoising steps done over all its pipeline calls,
+    and images finished."""
+
+    step: int
+    total_steps: int
+    images_done: int
+    images_total: int
+
+
+# Called after every denoising step; answering True stops the call (GenerationCancelled).
+ProgressCallback = Callable[[GenerationProgress], bool]
+
+
+class GenerationCancelled(Exception):
+    """A ``generate_batch`` call stopped because its progress callback asked it to."""
+
+    def __init__(self, progress: GenerationProgress) -> None:
+        super().__init__(
+            f"generation cancelled after step {progress.step} of {progress.total_steps}"
+        )
+        self.progress = progress
+
+
+@dataclass(frozen=True)
 class GenerationTimings:
     """Seconds spent in each phase (a batch's requests share their group's figures)."""
 
@@ -180,19 +205,33 @@ class InferenceEngine:
         """Run one request with its adapters (an empty list gives the base model's output)."""
         return self.generate_batch([request])[0]
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Run ``requests``, one pipeline call per group of compatible requests (module doc)."""
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], *, on_step: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        """Run ``requests``, one pipeline call per group of compatible requests (module doc).
+
+        ``on_step`` is called after every denoising step; when it answers True the call stops
+        there and raises ``GenerationCancelled`` (cooperative cancel within one step).
+        """
         for request in requests:
             request.validate()
         groups: dict[tuple[Any, ...], list[int]] = {}
         for position, request in enumerate(requests):
             groups.setdefault(self._group_key(request), []).append(position)
         results: list[GenerationResult | None] = [None] * len(requests)
+        tracker = _ProgressTracker(
+            on_step,
+            total_steps=sum(requests[p[0]].num_inference_steps for p in groups.values()),
+            images_total=sum(r.num_images for r in requests),
+        )
         with self._lock:
             for positions in groups.values():
                 group = [requests[p] for p in positions]
-                for position, result in zip(positions, self._run_group(group), strict=True):
+                for position, result in zip(
+                    positions, self._run_group(group, tracker), strict=True
+                ):
                     results[position] = result
+                tracker.images_done += sum(r.num_images for r in group)
         return [r for r in results if r is not None]
 
     # -- internals ---------------------------------------------------------------------------
@@ -227,7 +266,9 @@ class InferenceEngine:
         self._sync()
         return loaded - started, time.perf_counter() - loaded
 
-    def _run_group(self, group: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def _run_group(
+        self, group: Sequence[GenerationRequest], tracker: _ProgressTracker
+    ) -> list[GenerationResult]:
         started = time.perf_counter()
         first = group[0]
         load_s, switch_s = self._switch(first.adapter_refs())
@@ -256,6 +297,7 @@ class InferenceEngine:
             generator=generators,
             output_type="latent",
             return_dict=False,
+            callback_on_step_end=tracker.step_end if tracker.callback else None,
         )[0]
         self._sync()
         decode_started = time.perf_counter()
@@ -297,3 +339,29 @@ class InferenceEngine:
             decoded, output_type="pil", do_denormalize=[True] * decoded.shape[0]
         )
         return list(images)
+
+
+class _ProgressTracker:
+    """Counts steps across a batch's pipeline calls and relays them to the caller's callback
+    (the pipeline's ``callback_on_step_end``); raising from it stops the pipeline at once."""
+
+    def __init__(self, callback: ProgressCallback | None, *, total_steps: int, images_total: int):
+        self.callback = callback
+        self.total_steps = total_steps
+        self.images_total = images_total
+        self.step = 0
+        self.images_done = 0
+
+    def step_end(
+        self, _pipe: Any, _index: int, _timestep: Any, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        self.step = min(self.step + 1, self.total_steps)
+        progress = GenerationProgress(
+            step=self.step,
+            total_steps=self.total_steps,
+            images_done=self.images_done,
+            images_total=self.images_total,
+        )
+        if self.callback is not None and self.callback(progress):
+            raise GenerationCancelled(progress)
+        return kwargs
