@@ -56,8 +56,9 @@ from tests.fixtures.lora_sources import (
 from workers.engine.model_builder import TEXT_ENCODER_CONFIGS, UNET_CONFIGS
 
 REPO = Path(__file__).resolve().parents[2]
-# Same weights, same scale: only float summation order may differ.
-ATOL = 1e-5
+# Same weights, same scale: only float summation order may differ (up to ~2e-5 on the tiny
+# UNet's outputs, whose attention sits in its deeper, 64-channel block).
+ATOL = 5e-5
 
 
 def assert_same_output(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -95,17 +96,17 @@ def hand_made_kohya(
 # Original-checkpoint (LDM) names of the tiny UNet's blocks, written out by hand.
 LDM_BLOCKS = {
     "down_blocks.0.resnets.0": "input_blocks.1.0",
-    "down_blocks.0.attentions.0": "input_blocks.1.1",
     "down_blocks.1.resnets.0": "input_blocks.3.0",
+    "down_blocks.1.attentions.0": "input_blocks.3.1",
     "mid_block.resnets.0": "middle_block.0",
     "mid_block.attentions.0": "middle_block.1",
     "mid_block.resnets.1": "middle_block.2",
     "up_blocks.0.resnets.0": "output_blocks.0.0",
+    "up_blocks.0.attentions.0": "output_blocks.0.1",
     "up_blocks.0.resnets.1": "output_blocks.1.0",
+    "up_blocks.0.attentions.1": "output_blocks.1.1",
     "up_blocks.1.resnets.0": "output_blocks.2.0",
-    "up_blocks.1.attentions.0": "output_blocks.2.1",
     "up_blocks.1.resnets.1": "output_blocks.3.0",
-    "up_blocks.1.attentions.1": "output_blocks.3.1",
 }
 LDM_RESNET_LAYERS = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1"}
 
@@ -420,7 +421,7 @@ def test_original_checkpoint_naming_converts_like_diffusers_does(
     load_output: LoadOutput,
 ) -> None:
     ldm = hand_made_kohya(source_lora, ldm_module_name)
-    assert any("input_blocks_1_1_transformer_blocks" in k for k in ldm)
+    assert any("input_blocks_3_1_transformer_blocks" in k for k in ldm)
     assert any("output_blocks_3_0_in_layers_2" in k for k in ldm)
     # StableDiffusionPipeline maps these names only when given the UNet config.
     diffusers_output = load_output(ldm, unet_config=base_pipe.unet.config)
@@ -510,7 +511,7 @@ def test_per_module_rank_and_alpha_survive_every_conversion(
     assert_same_output(load_output(source), expected)
 
     tensors, metadata, report = canonicalize(source, base_model_dir=tiny_base_dir)
-    to_v = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"
+    to_v = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v"
     to_k = to_v.replace("to_v", "to_k")
     assert (report.ranks[to_v], report.alphas[to_v]) == (2, 1.0)
     assert (report.ranks[to_k], report.alphas[to_k]) == (4, 12.0)

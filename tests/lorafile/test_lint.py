@@ -189,7 +189,7 @@ def test_malformed_adapters_are_refused(
 def test_linear_lora_on_a_1x1_conv_is_reshaped_not_refused(
     source_file: SafetensorsFile, tiny_base_dir: Path, load_output: LoadOutput
 ) -> None:
-    proj_in = "unet.down_blocks.0.attentions.0.proj_in"
+    proj_in = "unet.down_blocks.1.attentions.0.proj_in"
     tensors = {
         k: (v[:, :, 0, 0] if k.startswith(proj_in) else v) for k, v in source_file.tensors.items()
     }
