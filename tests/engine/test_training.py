@@ -124,14 +124,14 @@ def learned_run(
         resolution=64,
         rank=8,
         alpha=4.0,  # alpha != rank: the saved adapter must load at scale 0.5
-        learning_rate=1e-2,
-        max_steps=16,
+        learning_rate=3e-2,
+        max_steps=32,
         batch_size=2,
         seed=1,
         center_crop=True,
         checkpoint_every=100,
         validation_prompts=("a red circle",),
-        validation_every=8,
+        validation_every=16,
         validation_inference_steps=2,
         snr_gamma=5.0,
         noise_offset=0.02,
@@ -149,10 +149,10 @@ def test_short_run_lowers_the_loss_and_reports_progress(
     shape_items: list[TrainItem],
 ) -> None:
     result, callbacks, _config = learned_run
-    assert [p.step for p in callbacks.steps] == list(range(1, 17))
-    assert all(p.total_steps == 16 and p.samples_per_s > 0 for p in callbacks.steps)
+    assert [p.step for p in callbacks.steps] == list(range(1, 33))
+    assert all(p.total_steps == 32 and p.samples_per_s > 0 for p in callbacks.steps)
     assert callbacks.steps[-1].eta_s == 0.0
-    assert result.steps == 16 and result.resumed_from_step is None
+    assert result.steps == 32 and result.resumed_from_step is None
     assert result.final_loss == callbacks.steps[-1].loss
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
@@ -195,7 +195,7 @@ def test_validation_renders_base_and_lora_images(
     learned_run: tuple[TrainResult, RecordingCallbacks, TrainConfig],
 ) -> None:
     _, callbacks, config = learned_run
-    assert [step for step, _ in callbacks.validations] == [8, 16]
+    assert [step for step, _ in callbacks.validations] == [16, 32]
     first, last = callbacks.validations[0][1][0], callbacks.validations[1][1][0]
     assert first.prompt == "a red circle" and first.seed == last.seed == config.seed
     assert last.base_image.size == (64, 64)
@@ -432,7 +432,7 @@ def test_plan_counts_match_a_real_run(
     plan = plan_training(pipeline_dir_or_config=_write_configs(tmp_path, "tiny"), config=config)
     assert plan.trainable_params == result.trainable_params
     assert plan.adapter_bytes == result.adapter_path.stat().st_size
-    assert plan.total_steps == 16
+    assert plan.total_steps == 32
 
 
 def test_plan_sd15_from_config_only(tmp_path: Path) -> None:
