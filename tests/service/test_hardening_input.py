@@ -373,7 +373,9 @@ def test_workers_show_only_the_callers_adapters_and_jobs(
     def own_view(headers: Headers) -> list[dict[str, Any]]:
         answer = client.get("/workers", headers=headers)
         assert answer.status_code == 200, answer.text
-        assert set(answer.json()["queue_lengths"]) <= {"train", "generate"}
+        # Aggregate counts per queue, whatever tenant queued them (no ids, no names).
+        lengths = answer.json()["queue_lengths"]
+        assert all(isinstance(n, int) and n >= 0 for n in lengths.values())
         return [w for w in answer.json()["data"] if w["id"] == stack.worker_row(worker.pid).id]
 
     mine = wait_for(
