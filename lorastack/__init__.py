@@ -1,51 +1,10 @@
 """lorastack: train LoRA adapters and serve them over HTTP.
 
 ``from lorastack import Client`` is the Python client of the HTTP API; importing it loads httpx
-and pydantic only (no torch, no server code).
+and pydantic only (no torch, no server code). The names are those of ``lorastack.client``.
 """
 
-from lorastack.client import (
-    APIError,
-    AsyncClient,
-    AuthenticationError,
-    BadRequest,
-    Client,
-    ConfigurationError,
-    Conflict,
-    ConnectionFailed,
-    Downloaded,
-    FieldError,
-    GenerationResult,
-    Image,
-    JobFailed,
-    LorastackError,
-    NotFound,
-    Progress,
-    RateLimited,
-    ServerError,
-    ValidationFailed,
-    WaitTimeout,
-)
+from lorastack import client as _client
+from lorastack.client import *  # noqa: F403  (the client's public names, listed once there)
 
-__all__ = [
-    "APIError",
-    "AsyncClient",
-    "AuthenticationError",
-    "BadRequest",
-    "Client",
-    "ConfigurationError",
-    "Conflict",
-    "ConnectionFailed",
-    "Downloaded",
-    "FieldError",
-    "GenerationResult",
-    "Image",
-    "JobFailed",
-    "LorastackError",
-    "NotFound",
-    "Progress",
-    "RateLimited",
-    "ServerError",
-    "ValidationFailed",
-    "WaitTimeout",
-]
+__all__ = _client.__all__
