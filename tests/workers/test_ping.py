@@ -53,7 +53,9 @@ def test_duplicate_delivery_runs_once(
     assert again["attempts"] == 1 and again["finished_at"] == job["finished_at"]
     with stack.session_factory() as session:
         states = session.scalars(
-            select(JobEvent.data).where(JobEvent.job_id == job["id"], JobEvent.type == "state")
+            select(JobEvent.data)
+            .where(JobEvent.job_id == job["id"], JobEvent.type == "state")
+            .order_by(JobEvent.seq)
         ).all()
     assert [s["status"] for s in states] == ["queued", "running", "succeeded"]
 
