@@ -6,11 +6,14 @@ LoRA slots is injected into it (see ``slots``) and adapters flow through an ``Ad
 the number of resident adapters), denoises, then decodes, and reports each phase's time.
 
 Batching: ``generate_batch`` groups requests that share the image shape (width, height), the
-number of steps, the scheduler, the guidance scale and the SAME adapter set (same keys and
-weights, in the same order) and runs each group as one pipeline call, one generator per image
-so every image depends only on its own seed. Groups with different adapter sets run one after
-another, each after its own adapter switch. Results come back in the order of the requests; the
-requests of one group share that group's timings.
+number of steps, the scheduler and the guidance scale, whatever their adapters, and runs each
+group as one pipeline call, one generator per image so every image depends only on its own
+seed. A group whose requests all use the same adapters at the same weights switches them in for
+every row (the cheaper path in the dynamic slot mode); any other group is a mixed batch: the
+union of its adapters sits in the slots and every image (row) gets its own weights, 0 for the
+adapters it does not use (``LoraSlotPool.activate_rows``). A group whose union of adapters does
+not fit the slots is split into several calls. Results come back in the order of the requests;
+the requests of one call share that call's timings.
 """
 
 from __future__ import annotations
@@ -215,17 +218,15 @@ class InferenceEngine:
         """
         for request in requests:
             request.validate()
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for position, request in enumerate(requests):
-            groups.setdefault(self._group_key(request), []).append(position)
+        calls = self._plan_calls(requests)
         results: list[GenerationResult | None] = [None] * len(requests)
         tracker = _ProgressTracker(
             on_step,
-            total_steps=sum(requests[p[0]].num_inference_steps for p in groups.values()),
+            total_steps=sum(requests[c[0]].num_inference_steps for c in calls),
             images_total=sum(r.num_images for r in requests),
         )
         with self._lock:
-            for positions in groups.values():
+            for positions in calls:
                 group = [requests[p] for p in positions]
                 for position, result in zip(
                     positions, self._run_group(group, tracker), strict=True
@@ -237,15 +238,31 @@ class InferenceEngine:
     # -- internals ---------------------------------------------------------------------------
 
     def _group_key(self, request: GenerationRequest) -> tuple[Any, ...]:
-        adapters = tuple((ref.key, ref.weight) for ref in request.adapter_refs())
         return (
             request.width or self.default_size,
             request.height or self.default_size,
             request.num_inference_steps,
             request.scheduler,
             request.guidance_scale,
-            adapters,
         )
+
+    def _plan_calls(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Positions of the requests of each pipeline call: one shape per call, and a union of
+        adapters that fits the slots (a request that would overflow it opens another call)."""
+        calls: list[list[int]] = []
+        unions: list[set[str]] = []
+        open_call: dict[tuple[Any, ...], int] = {}
+        for position, request in enumerate(requests):
+            key = self._group_key(request)
+            keys = {ref.key for ref in request.adapter_refs()}
+            index = open_call.get(key)
+            if index is None or len(unions[index] | keys) > self.slots.max_active:
+                index = open_call[key] = len(calls)
+                calls.append([])
+                unions.append(set())
+            calls[index].append(position)
+            unions[index] |= keys
+        return calls
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -266,19 +283,50 @@ class InferenceEngine:
         self._sync()
         return loaded - started, time.perf_counter() - loaded
 
+    def _switch_rows(self, group: Sequence[GenerationRequest]) -> tuple[float, float]:
+        """A mixed batch: the union of the group's adapters in slots, each image with its own
+        weights; returns (load seconds, switch seconds)."""
+        union: dict[str, AdapterRef] = {}
+        for request in group:
+            refs = request.adapter_refs()
+            if len({ref.key for ref in refs}) != len(refs):
+                raise ValueError("an adapter is requested twice")
+            for ref in refs:
+                union.setdefault(ref.key, ref)
+        if len(union) > self.slots.max_active:
+            raise ValueError(
+                f"{len(union)} adapters in one batch; the engine has {self.slots.max_active} slots"
+            )
+        started = time.perf_counter()
+        residents = self.cache.activate_many([(ref.key, ref.source) for ref in union.values()])
+        loaded = time.perf_counter()
+        weights: list[list[float]] = []
+        for request in group:
+            own = {ref.key: ref.weight for ref in request.adapter_refs()}
+            weights += [[own.get(key, 0.0) for key in union]] * request.num_images
+        # Classifier-free guidance runs the UNet on [negative rows, positive rows].
+        guided = (
+            group[0].guidance_scale > 1 and self.pipeline.unet.config.time_cond_proj_dim is None
+        )
+        self.slots.activate_rows(residents, weights, repeats={"unet": 2 if guided else 1})
+        self._sync()
+        return loaded - started, time.perf_counter() - loaded
+
     def _run_group(
         self, group: Sequence[GenerationRequest], tracker: _ProgressTracker
     ) -> list[GenerationResult]:
         started = time.perf_counter()
         first = group[0]
-        load_s, switch_s = self._switch(first.adapter_refs())
+        own_adapters = [
+            tuple((ref.key, float(ref.weight)) for ref in request.adapter_refs())
+            for request in group
+        ]
+        if self.slots.static_graph or len(set(own_adapters)) > 1:
+            load_s, switch_s = self._switch_rows(group)
+        else:
+            load_s, switch_s = self._switch(first.adapter_refs())
 
-        seeds_per_request: list[list[int]] = []
-        for request in group:
-            base = request.seed if request.seed is not None else random.randrange(_MAX_SEED)
-            seeds_per_request.append(
-                [(base + i) % (_MAX_SEED + 1) for i in range(request.num_images)]
-            )
+        seeds_per_request = [_seeds(request) for request in group]
         prompts = [r.prompt for r in group for _ in range(r.num_images)]
         negatives = [r.negative_prompt or "" for r in group for _ in range(r.num_images)]
         seeds = [seed for request_seeds in seeds_per_request for seed in request_seeds]
@@ -312,22 +360,21 @@ class InferenceEngine:
             decode_s=finished - decode_started,
             total_s=finished - started,
         )
-        active = self.slots.active
         latents_cpu = latents.detach().to("cpu", torch.float32)
         results: list[GenerationResult] = []
         offset = 0
-        for request, request_seeds in zip(group, seeds_per_request, strict=True):
-            count = request.num_images
+        for request_seeds, adapters in zip(seeds_per_request, own_adapters, strict=True):
+            end = offset + len(request_seeds)
             results.append(
                 GenerationResult(
-                    images=images[offset : offset + count],
+                    images=images[offset:end],
                     seeds=request_seeds,
                     timings=timings,
-                    adapters=active,
-                    latents=latents_cpu[offset : offset + count].clone(),
+                    adapters=adapters,
+                    latents=latents_cpu[offset:end].clone(),
                 )
             )
-            offset += count
+            offset = end
         return results
 
     @torch.no_grad()
@@ -339,6 +386,12 @@ class InferenceEngine:
             decoded, output_type="pil", do_denormalize=[True] * decoded.shape[0]
         )
         return list(images)
+
+
+def _seeds(request: GenerationRequest) -> list[int]:
+    """Image i of a request uses seed + i (a random base seed when the request has none)."""
+    base = request.seed if request.seed is not None else random.randrange(_MAX_SEED)
+    return [(base + i) % (_MAX_SEED + 1) for i in range(request.num_images)]
 
 
 class _ProgressTracker:

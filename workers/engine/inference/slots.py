@@ -8,21 +8,32 @@ slot's scale to ``weight * alpha / rank`` and takes unused slots out of the forw
 cost depends on the pool and on the adapters being switched in, never on how many adapters are
 resident, unlike diffusers' ``set_adapters`` which walks every loaded adapter.
 
+Mixed batches (``activate_rows``): every image (row) of one pipeline call may use its own
+adapters and weights. The union of the batch's adapters sits in slots; each slot's scale is a
+tensor with one weight per row (0 for rows that do not use it, which adds exactly 0), viewed as
+``[rows, 1, 1]`` for Linear layers and ``[rows, 1, 1, 1]`` for Conv2d, so it broadcasts over the
+layer's output. One tensor per slot and component serves every layer because each module's
+``alpha / rank`` is folded into its copy of B when the adapter is made resident (a layer's scale
+is then the weight alone). The UNet sees each row ``repeats`` times (classifier-free guidance
+stacks the negative rows before the positive ones), the text encoder once per prompt list.
+
 Two modes:
 
 * dynamic (default): each LoRA layer's active-adapter list holds only the slots whose adapter
   targets that layer, so an idle slot costs nothing and with no adapters every layer runs
   exactly its base module (bitwise equal to the pristine model).
-* ``static_graph=True``: every slot stays active in every layer and scales are 0-dim tensors
-  updated with ``fill_``; a layer an adapter does not target gets scale 0 and zeroed weights.
-  Nothing the forward pass reads changes identity, so a ``torch.compile``'d model does not
-  recompile on a switch (the approach of peft's ``prepare_model_for_compiled_hotswap``).
+* ``static_graph=True``: every slot stays active in every layer, in a fixed order, and scales
+  are row tensors updated in place; a layer an adapter does not target gets zeroed weights.
+  Nothing the forward pass reads changes identity or shape while the batch size stays, so a
+  ``torch.compile``'d model does not recompile on a switch nor on a new mix of adapters (the
+  approach of peft's ``prepare_model_for_compiled_hotswap``).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +74,7 @@ class ResidentModule:
 
     layer_index: int
     lora_A: torch.Tensor
+    # B times the module's alpha / rank (``scaling``, kept for reference).
     lora_B: torch.Tensor
     scaling: float
 
@@ -81,10 +93,24 @@ class ResidentAdapter:
 
 
 @dataclass
+class _RowScales:
+    """One slot's weight for each row of a component's batch, and the views layers read."""
+
+    rows: torch.Tensor
+    linear: torch.Tensor  # [rows, 1, 1]: Linear inputs are [batch, tokens, channels]
+    conv: torch.Tensor  # [rows, 1, 1, 1]: Conv2d inputs are [batch, channels, height, width]
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> _RowScales:
+        return cls(rows=rows, linear=rows.view(-1, 1, 1), conv=rows.view(-1, 1, 1, 1))
+
+
+@dataclass
 class _SlotLayer:
     component: str
     name: str
     module: LoraLayer
+    conv: bool
     lora_A: list[torch.Tensor]
     lora_B: list[torch.Tensor]
     # How many leading rank rows of each slot hold data (the rest is zero already).
@@ -118,6 +144,8 @@ class LoraSlotPool:
         # Layers where each slot holds non-zero data (kept after the holder is released).
         self._slot_layers: list[frozenset[int]] = [frozenset()] * max_active
         self._active: tuple[tuple[str, float], ...] = ()
+        # Static mode: each (component, slot)'s row weights, shared by the component's layers.
+        self._row_scales: dict[tuple[str, int], _RowScales] = {}
         for component, model in components.items():
             targets = list(target_modules.get(component, ()))
             if targets:
@@ -144,10 +172,14 @@ class LoraSlotPool:
                 for weight in (*lora_A, *lora_B):
                     weight.zero_()
             scales = [0.0] * self.max_active
+            conv = isinstance(module.get_base_layer(), torch.nn.Conv2d)
             if self.static_graph:
-                device = lora_A[0].device
-                for slot in self.slot_names:
-                    module.scaling[slot] = torch.zeros((), device=device)
+                for slot_index, slot in enumerate(self.slot_names):
+                    row_scales = self._row_scales.get((component, slot_index))
+                    if row_scales is None:
+                        rows = torch.zeros(1, device=lora_A[0].device, dtype=lora_A[0].dtype)
+                        row_scales = self._row_scales[(component, slot_index)] = _RowScales.of(rows)
+                    module.scaling[slot] = row_scales.conv if conv else row_scales.linear
                 active = self.slot_names
             else:
                 for slot in self.slot_names:
@@ -162,6 +194,7 @@ class LoraSlotPool:
                     component=component,
                     name=name,
                     module=module,
+                    conv=conv,
                     lora_A=lora_A,
                     lora_B=lora_B,
                     filled_rank=[0] * self.max_active,
@@ -218,7 +251,10 @@ class LoraSlotPool:
                     f"A {tuple(slot_A.shape)}, B {tuple(slot_B.shape)}"
                 )
             device_A = lora_A.to(device=slot_A.device, dtype=slot_A.dtype).contiguous()
-            device_B = lora_B.to(device=slot_B.device, dtype=slot_B.dtype).contiguous()
+            # alpha / rank folded into B: a layer's scale is then the weight alone, so one row
+            # tensor per slot serves every layer in mixed batches.
+            scaled_B = lora_B * module_weights.scaling if module_weights.scaling != 1 else lora_B
+            device_B = scaled_B.to(device=slot_B.device, dtype=slot_B.dtype).contiguous()
             nbytes += device_A.numel() * device_A.element_size()
             nbytes += device_B.numel() * device_B.element_size()
             modules.append(
@@ -260,20 +296,69 @@ class LoraSlotPool:
             layer.filled_rank[slot] = 0
 
     def activate(self, adapters: Sequence[tuple[ResidentAdapter, float]]) -> None:
-        """Make exactly ``adapters`` (resident adapter, weight) active; an empty list means none."""
+        """Make exactly ``adapters`` (resident adapter, weight) active for every row; an empty
+        list means none."""
+        assignment = self._assign([adapter for adapter, _ in adapters])
+        if self.static_graph:
+            # One row, which broadcasts over any batch (the engine writes per-row weights).
+            weights = torch.zeros(self.max_active, dtype=self._layers[0].lora_A[0].dtype)
+            for slot, (_, weight) in zip(assignment, adapters, strict=True):
+                weights[slot] = weight
+            weights = weights.to(self._layers[0].lora_A[0].device)
+            self._write_row_scales(lambda _component, slot: weights[slot : slot + 1])
+        else:
+            layer_slots: dict[int, list[tuple[int, float]]] = {}
+            for slot, (adapter, weight) in zip(assignment, adapters, strict=True):
+                for module in adapter.modules:
+                    layer_slots.setdefault(module.layer_index, []).append((slot, weight))
+            self._apply_dynamic(layer_slots)
+        self._active = tuple((adapter.key, float(weight)) for adapter, weight in adapters)
+
+    def activate_rows(
+        self,
+        adapters: Sequence[ResidentAdapter],
+        weights: Sequence[Sequence[float]],
+        *,
+        repeats: Mapping[str, int],
+    ) -> None:
+        """A mixed batch: row ``i`` uses ``adapters[j]`` at ``weights[i][j]`` (0: not at all).
+
+        ``repeats[component]`` is how many times the component sees the rows stacked (the UNet
+        twice under classifier-free guidance); components not named see them once.
+        """
+        if any(len(row) != len(adapters) for row in weights):
+            raise ValueError("every row needs one weight per adapter")
+        assignment = self._assign(adapters)
+        slot_A = self._layers[0].lora_A[0]
+        columns = torch.tensor(weights, dtype=slot_A.dtype).reshape(len(weights), len(adapters))
+        per_slot = torch.zeros(len(weights), self.max_active, dtype=slot_A.dtype)
+        per_slot[:, assignment] = columns
+        per_slot = per_slot.to(slot_A.device)
+
+        def rows_of(component: str, slot: int) -> torch.Tensor:
+            return per_slot[:, slot].repeat(repeats.get(component, 1))
+
+        if self.static_graph:
+            self._write_row_scales(rows_of)
+        else:
+            self._apply_rows_dynamic(adapters, assignment, rows_of)
+        self._active = tuple(
+            (adapter.key, float(next((row[j] for row in weights if row[j]), 0.0)))
+            for j, adapter in enumerate(adapters)
+        )
+
+    def _assign(self, adapters: Sequence[ResidentAdapter]) -> list[int]:
+        """The slot of each adapter: where it already sits, else filled into a free slot."""
         if len(adapters) > self.max_active:
             raise ValueError(
                 f"{len(adapters)} adapters requested; the engine has {self.max_active} slots"
             )
-        keys = [adapter.key for adapter, _ in adapters]
+        keys = [adapter.key for adapter in adapters]
         if len(set(keys)) != len(keys):
             raise ValueError(f"an adapter is requested twice: {keys}")
-
-        # Keep adapters that already sit in a slot where they are; fill the others into slots
-        # whose occupant is not requested.
         assignment: list[int | None] = []
         taken: set[int] = set()
-        for adapter, _ in adapters:
+        for adapter in adapters:
             slot = next(
                 (s for s, held in enumerate(self._holders) if held is adapter and s not in taken),
                 None,
@@ -284,25 +369,13 @@ class LoraSlotPool:
         free = [s for s in range(self.max_active) if s not in taken]
         # Prefer empty slots, so that adapters used recently stay in place for a later switch.
         free.sort(key=lambda s: self._holders[s] is not None)
-        for position, (adapter, _) in enumerate(adapters):
-            if assignment[position] is None:
+        filled: list[int] = []
+        for adapter, slot in zip(adapters, assignment, strict=True):
+            if slot is None:
                 slot = free.pop(0)
                 self._fill_slot(slot, adapter)
-                assignment[position] = slot
-
-        layer_slots: dict[int, list[tuple[int, float]]] = {}
-        for position, (adapter, weight) in enumerate(adapters):
-            slot = assignment[position]
-            assert slot is not None
-            for module in adapter.modules:
-                layer_slots.setdefault(module.layer_index, []).append(
-                    (slot, weight * module.scaling)
-                )
-        if self.static_graph:
-            self._apply_static(layer_slots)
-        else:
-            self._apply_dynamic(layer_slots)
-        self._active = tuple((adapter.key, float(weight)) for adapter, weight in adapters)
+            filled.append(slot)
+        return filled
 
     def _apply_dynamic(self, layer_slots: Mapping[int, list[tuple[int, float]]]) -> None:
         for index, layer in enumerate(self._layers):
@@ -315,23 +388,45 @@ class LoraSlotPool:
                 # The forward pass adds the slots in this order (the order of the request).
                 _set_layer_active(layer, active)
 
-    @torch.no_grad()
-    def _apply_static(self, layer_slots: Mapping[int, list[tuple[int, float]]]) -> None:
+    def _apply_rows_dynamic(
+        self,
+        adapters: Sequence[ResidentAdapter],
+        assignment: Sequence[int],
+        rows_of: Callable[[str, int], torch.Tensor],
+    ) -> None:
+        scales: dict[tuple[str, int], _RowScales] = {}
+        layer_slots: dict[int, list[int]] = {}
+        for slot, adapter in zip(assignment, adapters, strict=True):
+            for module in adapter.modules:
+                layer_slots.setdefault(module.layer_index, []).append(slot)
         for index, layer in enumerate(self._layers):
-            wanted = dict(layer_slots.get(index, []))
-            for slot in range(self.max_active):
-                scale = wanted.get(slot, 0.0)
-                if scale != layer.scales[slot]:
-                    scaling = layer.module.scaling[self.slot_names[slot]]
-                    assert isinstance(scaling, torch.Tensor)
-                    scaling.fill_(scale)
-                    layer.scales[slot] = scale
-            # An active list in the request's order keeps the sum order of the reference.
-            order = [slot for slot, _ in layer_slots.get(index, [])]
-            order += [s for s in range(self.max_active) if s not in wanted]
-            active = tuple(self.slot_names[s] for s in order)
+            wanted = layer_slots.get(index, [])
+            for slot in wanted:
+                row_scales = scales.get((layer.component, slot))
+                if row_scales is None:
+                    row_scales = _RowScales.of(rows_of(layer.component, slot))
+                    scales[(layer.component, slot)] = row_scales
+                scaling = row_scales.conv if layer.conv else row_scales.linear
+                layer.module.scaling[self.slot_names[slot]] = scaling
+                layer.scales[slot] = math.nan  # a tensor now: the next switch sets it again
+            active = tuple(self.slot_names[slot] for slot in wanted)
             if active != layer.active:
                 _set_layer_active(layer, active)
+
+    @torch.no_grad()
+    def _write_row_scales(self, rows_of: Callable[[str, int], torch.Tensor]) -> None:
+        """Static mode: write each slot's row weights in place; only a new batch size gives the
+        tensors a new shape (and the layers new views), which a compiled model sees anyway."""
+        for (component, slot), row_scales in list(self._row_scales.items()):
+            rows = rows_of(component, slot)
+            if rows.shape == row_scales.rows.shape:
+                row_scales.rows.copy_(rows)
+                continue
+            resized = self._row_scales[(component, slot)] = _RowScales.of(rows.clone())
+            for layer in self._layers:
+                if layer.component == component:
+                    view = resized.conv if layer.conv else resized.linear
+                    layer.module.scaling[self.slot_names[slot]] = view
 
     def release(self, adapter: ResidentAdapter) -> None:
         """Drop the pool's reference to ``adapter`` (evicted from the device tier).
