@@ -147,7 +147,12 @@ class Settings(BaseSettings):
     generate_max_wait_s: float = 600.0
     # A waiting request is woken by a Redis notification; it re-reads SQL at least this often.
     generate_poll_s: float = Field(default=1.0, gt=0)
-    generate_batch_max: int = 8
+    # Batching (docs/inference.md): queued generation jobs of one shape share a pipeline call
+    # whatever their adapters, up to generate_batch_max images and inference_slots distinct
+    # adapter files; a worker waits up to generate_batch_wait_s after the oldest job was queued
+    # for more jobs when the batch is not full (0: take what is queued now).
+    generate_batch_max: int = Field(default=8, ge=1)
+    generate_batch_wait_s: float = Field(default=0.0, ge=0, le=10)
     # The OpenAI route answers within this (well under the SDK's 600 s timeout); an SDK retry
     # of the same request within openai_retry_window_s attaches to the first request's job.
     openai_wait_s: float = Field(default=120.0, gt=0)
@@ -160,6 +165,9 @@ class Settings(BaseSettings):
 
     # Inference engine in each worker (adapter slots and cache tiers).
     inference_max_rank: int = 64
+    # LoRA slots in each worker's engine: the most distinct adapters one pipeline call can mix
+    # (at least generate_max_adapters are always there; see inference_slot_count).
+    inference_slots: int = Field(default=8, ge=1)
     inference_device_cache_count: int = 64
     inference_cpu_cache_bytes: int = 2 * 1024**3
     inference_disk_cache_bytes: int = 20 * 1024**3
@@ -217,6 +225,11 @@ class Settings(BaseSettings):
         if value not in ("development", "production", "test"):
             raise ValueError("must be development, production or test")
         return value
+
+    @property
+    def inference_slot_count(self) -> int:
+        """The engine's slot pool size: enough for any one request's adapters."""
+        return max(self.inference_slots, self.generate_max_adapters)
 
     def tenant_max_queued(self, kind: str) -> int | None:
         return {

@@ -14,6 +14,14 @@ this kind started longest ago (never first), then the oldest queued job. So with
 a tenant that queued a thousand jobs delays another tenant's next job by at most the job
 already running.
 
+Batch mates. A generation worker that has leased a job also leases queued jobs of the same
+shape (``job_params.batch_key``) to run in the same pipeline call, whatever their adapters:
+``choose_batch_mates`` takes them round robin across tenants (each tenant's oldest first, the
+tenants in the order of their oldest job, the leased job's tenant last), skipping a job that
+would take the batch past its image limit or its union of adapter files past the worker's slots.
+So one tenant's flood of compatible jobs shares a batch with the other tenants' jobs instead of
+filling it.
+
 Durable dispatch. A committed queued job must be delivered even if its message is lost:
 Redis restarted empty, or a publish failed (the API accepts the job anyway: the row is the
 record, the message only a wake-up). ``jobs_to_resend`` names the jobs to send again when a
@@ -22,6 +30,8 @@ queue holds fewer messages than there are jobs queued longer than a grace period
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
@@ -89,6 +99,51 @@ def next_fair_job(
         .order_by(_job.queued_at, _job.id)
         .limit(1)
     )
+
+
+@dataclass(frozen=True)
+class BatchCandidate:
+    """What choosing batch mates needs of a queued job (candidates come oldest first)."""
+
+    id: str
+    tenant_id: str
+    images: int
+    adapter_files: frozenset[str]
+
+
+def choose_batch_mates(
+    batch: Sequence[BatchCandidate],
+    candidates: Sequence[BatchCandidate],
+    *,
+    max_images: int,
+    max_adapter_files: int,
+) -> list[str]:
+    """The ids of ``candidates`` to add to ``batch`` (module doc), in the order taken."""
+    images = sum(job.images for job in batch)
+    files = set().union(*(job.adapter_files for job in batch))
+    queues: dict[str, list[BatchCandidate]] = {}
+    for candidate in candidates:
+        queues.setdefault(candidate.tenant_id, []).append(candidate)
+    in_batch = {job.tenant_id for job in batch}
+    # Tenants without a job in the batch first, each group in the order of its oldest job.
+    tenants = sorted(queues, key=lambda t: t in in_batch)
+    chosen: list[str] = []
+    while tenants and images < max_images:
+        for tenant in list(tenants):
+            queue = queues[tenant]
+            # A job that does not fit now never will (the batch only grows): drop it.
+            while queue:
+                job = queue.pop(0)
+                if images + job.images <= max_images and (
+                    len(files | job.adapter_files) <= max_adapter_files
+                ):
+                    chosen.append(job.id)
+                    images += job.images
+                    files |= job.adapter_files
+                    break
+            if not queue:
+                tenants.remove(tenant)
+    return chosen
 
 
 def check_queued_quota(session: Session, *, settings: Settings, tenant_id: str, kind: str) -> None:

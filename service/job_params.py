@@ -85,15 +85,19 @@ class AdapterUse(_Params):
     weight: float
 
 
-# The settings that make two generations share one pipeline call (besides the adapter set).
+# The settings that make two generations share one pipeline call. Adapters are not among them:
+# a batch mixes adapters, each image with its own (the worker bounds the union of a batch's
+# adapters by its slot count when it leases the batch).
 BATCH_SHAPE_FIELDS = ("num_inference_steps", "guidance_scale", "width", "height", "scheduler")
+# Part of the key, so that keys of the earlier format (which hashed the adapters too) never
+# equal a new one: jobs queued before an upgrade still batch among themselves, never wrongly.
+_BATCH_KEY_FORMAT = "shape-v2"
 
 
-def batch_key(base_model: str, spec: GenerationSpec, adapters: list[AdapterUse]) -> str:
-    """Equal keys <=> the jobs can be denoised together: same base model, same shape, and the
-    same adapters at the same weights."""
+def batch_key(base_model: str, spec: GenerationSpec) -> str:
+    """Equal keys <=> the jobs can be denoised together: same base model and same shape."""
     shape = {name: getattr(spec, name) for name in BATCH_SHAPE_FIELDS}
-    material = [base_model, shape, [(a.version_id, a.weight) for a in adapters]]
+    material = [_BATCH_KEY_FORMAT, base_model, shape]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -111,8 +115,13 @@ class GenerateParams(_Params):
         return cls(
             request=request,
             adapters=adapters,
-            batch_key=batch_key(base_model, request, adapters),
+            batch_key=batch_key(base_model, request),
         )
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @property
+    def adapter_files(self) -> frozenset[str]:
+        """The adapter files the job needs in slots (equal files share one)."""
+        return frozenset(a.storage_key for a in self.adapters)

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from service import lifecycle
 from service.db import new_id, transaction, utcnow
+from service.dispatch import BatchCandidate, choose_batch_mates
 from service.job_params import GenerateParams
 from service.lifecycle import LeasedJob
 from service.models import Image, JobKind, JobStatus
@@ -34,16 +35,20 @@ log = logging.getLogger("lorastack.worker")
 # Built once, run with bound parameters (see lifecycle: these are on every request's path).
 _job = lifecycle.JOB_TABLE.c
 _BATCH_MATES = (
-    select(_job.id)
+    select(_job.id, _job.tenant_id, _job.params)
     .where(
         _job.status == JobStatus.QUEUED.value,
         _job.kind == JobKind.GENERATE.value,
         _job.base_model == bindparam("base_model"),
         _job.params["batch_key"].as_string() == bindparam("batch_key"),
     )
-    .order_by(_job.queued_at)
+    .order_by(_job.queued_at, _job.id)
     .limit(bindparam("limit"))
 )
+# How many queued jobs of the batch's shape one lease looks at (the oldest), per batch image.
+_CANDIDATES_PER_IMAGE = 4
+# How often a worker waiting for batch mates (LORASTACK_GENERATE_BATCH_WAIT_S) looks again.
+BATCH_WAIT_POLL_S = 0.05
 _INSERT_IMAGES = insert(cast(Table, Image.__table__))
 _held = (_job.id.in_(bindparam("job_ids", expanding=True)), _job.lease_owner == bindparam("owner"))
 _BATCH_STATUS = select(_job.id, _job.status).where(*_held)
@@ -77,12 +82,12 @@ def get_engine(rt: WorkerRuntime) -> InferenceEngine:
             pipeline_dir=local_folder(source) or source,  # type: ignore[arg-type]
             device=device,
             dtype=dtype,
-            max_active=settings.generate_max_adapters,
+            max_active=settings.inference_slot_count,
             max_rank=settings.inference_max_rank,
             fetch=lambda key: rt.store.path(key),
             cpu_limit_bytes=settings.inference_cpu_cache_bytes,
             device_limit_count=max(
-                settings.inference_device_cache_count, settings.generate_max_adapters
+                settings.inference_device_cache_count, settings.inference_slot_count
             ),
             disk_limit_bytes=settings.inference_disk_cache_bytes,
         )
@@ -113,7 +118,8 @@ def _to_request(job: LeasedJob) -> GenerationRequest:
 def _lease_batch(session: Session, rt: WorkerRuntime, message_job_id: str) -> list[LeasedJob]:
     """Lease the fairest queued job for this worker's base model (service/dispatch.py;
     usually the message's own) and the queued jobs that can share its pipeline call (same base
-    model and batch key). Messages naming a job leased here lease the next fair job instead."""
+    model and shape, adapters that fit the slots). Messages naming a job leased here lease the
+    next fair job instead."""
     first = rt.lease_fair(
         session,
         kind=JobKind.GENERATE.value,
@@ -122,24 +128,78 @@ def _lease_batch(session: Session, rt: WorkerRuntime, message_job_id: str) -> li
     )
     if first is None:
         return []
-    limit = rt.settings.generate_batch_max - 1
-    if limit <= 0 or first.base_model != rt.settings.default_base_model:
+    if first.base_model != rt.settings.default_base_model:
         return [first]
-    # Ids only, matched on the batch key in SQL: usually there are none, and that costs little.
-    candidates = session.scalars(
+    return [first, *_lease_mates(session, rt, [first])]
+
+
+def _candidate(job_id: str, tenant_id: str, params: dict[str, Any]) -> BatchCandidate:
+    typed = GenerateParams.model_validate(params)
+    return BatchCandidate(
+        id=job_id,
+        tenant_id=tenant_id,
+        images=typed.request.num_images,
+        adapter_files=typed.adapter_files,
+    )
+
+
+def _lease_mates(session: Session, rt: WorkerRuntime, batch: list[LeasedJob]) -> list[LeasedJob]:
+    """Lease the queued jobs that fit into ``batch`` (dispatch.choose_batch_mates), oldest
+    first; none when it is full."""
+    settings = rt.settings
+    current = [_candidate(job.id, job.tenant_id, job.params) for job in batch]
+    room = settings.generate_batch_max - sum(job.images for job in current)
+    if room <= 0:
+        return []
+    # Ids and parameters, matched on the shape in SQL: usually there are none, and that costs
+    # little.
+    rows = session.execute(
         _BATCH_MATES,
         {
-            "base_model": first.base_model,
-            "batch_key": first.params.get("batch_key"),
-            "limit": limit,
+            "base_model": batch[0].base_model,
+            "batch_key": batch[0].params.get("batch_key"),
+            "limit": room * _CANDIDATES_PER_IMAGE,
         },
     ).all()
-    if not candidates:
-        return [first]
-    others = lifecycle.take_leases(
-        session, job_ids=candidates, owner=rt.worker_id, lease_s=rt.settings.job_lease_s
+    if not rows:
+        return []
+    chosen = choose_batch_mates(
+        current,
+        [_candidate(*row) for row in rows],
+        max_images=settings.generate_batch_max,
+        max_adapter_files=settings.inference_slot_count,
     )
-    return [first, *sorted(others, key=lambda j: j.queued_at)]
+    if not chosen:
+        return []
+    # A job another worker leased meanwhile is simply not in the answer.
+    others = lifecycle.take_leases(
+        session, job_ids=chosen, owner=rt.worker_id, lease_s=settings.job_lease_s
+    )
+    return sorted(others, key=lambda j: j.queued_at)
+
+
+def _wait_for_mates(rt: WorkerRuntime, batch: list[LeasedJob]) -> float:
+    """With LORASTACK_GENERATE_BATCH_WAIT_S set, lease more batch mates as they are queued
+    until the batch is full or the oldest job has waited that long since it was queued.
+    Extends ``batch`` in place; returns the seconds spent waiting."""
+    wait_s = rt.settings.generate_batch_wait_s
+    if wait_s <= 0 or batch[0].base_model != rt.settings.default_base_model:
+        return 0.0
+    started = time.monotonic()
+    oldest = min(job.queued_at for job in batch)
+    remaining = wait_s - (utcnow() - oldest).total_seconds()
+    deadline = started + min(wait_s, remaining)
+    while time.monotonic() < deadline:
+        images = sum(GenerateParams.model_validate(j.params).request.num_images for j in batch)
+        if images >= rt.settings.generate_batch_max:
+            break
+        time.sleep(min(BATCH_WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
+        with transaction(rt.session_factory) as session:
+            added = _lease_mates(session, rt, batch)
+        if added:
+            batch.extend(added)
+            rt.hold([job.id for job in batch])
+    return time.monotonic() - started
 
 
 def run_generation_job(rt: WorkerRuntime, message_job_id: str) -> None:
@@ -165,11 +225,12 @@ def run_generation_job(rt: WorkerRuntime, message_job_id: str) -> None:
             )
             return
         engine = get_engine(rt)
+        batch_wait_s = _wait_for_mates(rt, batch)
         progress = _ProgressReporter(rt, [job.id for job in batch])
         results = engine.generate_batch(
             [_to_request(job) for job in batch], on_step=progress.on_step
         )
-        _record(rt, batch, results, cancelled=progress.cancelled)
+        _record(rt, batch, results, cancelled=progress.cancelled, batch_wait_s=batch_wait_s)
         rt.info["inference"] = engine.snapshot()
     except GenerationCancelled:
         _finish_all(rt, batch, JobStatus.CANCELLED)
@@ -234,7 +295,12 @@ def _store_png(store: ArtifactStore, key: str, picture: PILImage) -> None:
 
 
 def _record(
-    rt: WorkerRuntime, batch: list[LeasedJob], results: list[Any], *, cancelled: set[str]
+    rt: WorkerRuntime,
+    batch: list[LeasedJob],
+    results: list[Any],
+    *,
+    cancelled: set[str],
+    batch_wait_s: float,
 ) -> None:
     """Store every image, finish every job in one transaction, then wake the waiters. A job
     that asked to cancel while its batch mates carried on ends cancelled, without images.
@@ -274,30 +340,38 @@ def _record(
                         "created_at": now,
                     }
                 )
-            timings = result.timings
             outcomes[job.id] = lifecycle.finish_job(
                 session,
                 job_id=job.id,
                 owner=rt.worker_id,
                 status=JobStatus.SUCCEEDED,
-                result={
-                    "images": images,
-                    "batch_size": len(batch),
-                    "timings": {
-                        "queue_wait_s": round((job.started_at - job.queued_at).total_seconds(), 4),
-                        "adapter_load_s": round(timings.adapter_load_s, 4),
-                        "adapter_switch_s": round(timings.adapter_switch_s, 4),
-                        "denoise_s": round(timings.denoise_s, 4),
-                        "decode_s": round(timings.decode_s, 4),
-                        "total_s": round(timings.total_s, 4),
-                    },
-                },
+                result=_job_result(job, images, result, len(batch), batch_wait_s),
             )
         if image_rows:
             session.execute(_INSERT_IMAGES, image_rows)
     for job_id, outcome in outcomes.items():
         publish_done(rt.redis, rt.settings, job_id, outcome)
     rt.store.sync(keys)
+
+
+def _job_result(
+    job: LeasedJob, images: list[dict[str, Any]], result: Any, batch_size: int, batch_wait_s: float
+) -> dict[str, Any]:
+    """A succeeded job's result: its images, the batch it ran in and the timings."""
+    timings = result.timings
+    return {
+        "images": images,
+        "batch_size": batch_size,
+        "timings": {
+            "queue_wait_s": round((job.started_at - job.queued_at).total_seconds(), 4),
+            "batch_wait_s": round(batch_wait_s, 4),
+            "adapter_load_s": round(timings.adapter_load_s, 4),
+            "adapter_switch_s": round(timings.adapter_switch_s, 4),
+            "denoise_s": round(timings.denoise_s, 4),
+            "decode_s": round(timings.decode_s, 4),
+            "total_s": round(timings.total_s, 4),
+        },
+    }
 
 
 def _fail(rt: WorkerRuntime, jobs: list[LeasedJob], code: str, message: str) -> None:

@@ -229,3 +229,42 @@ def test_a_training_run_over_the_workers_memory_answers_422_with_the_plan(stack:
         assert problem["plan"]["peak_memory_bytes"] > 1024
         assert problem["limit"] == {"name": "LORASTACK_TRAIN_MAX_MEMORY_BYTES", "value": 1024}
         assert client.get("/jobs", headers=auth).json()["data"] == []
+
+
+def _candidate(job_id: str, tenant: str, *files: str, images: int = 1) -> dispatch.BatchCandidate:
+    return dispatch.BatchCandidate(
+        id=job_id, tenant_id=tenant, images=images, adapter_files=frozenset(files)
+    )
+
+
+def test_batch_mates_round_robin_across_tenants_within_the_limits() -> None:
+    first = _candidate("a1", "A", "x")
+    candidates = [  # oldest first
+        _candidate("a2", "A", "y"),
+        _candidate("a3", "A"),
+        _candidate("a4", "A", "x"),
+        _candidate("b1", "B", "z"),  # a third file: over the slots once x and y are in
+        _candidate("b2", "B", "x", images=2),
+        _candidate("c1", "C", "y"),
+    ]
+
+    def choose(max_images: int, max_files: int) -> list[str]:
+        return dispatch.choose_batch_mates(
+            [first], candidates, max_images=max_images, max_adapter_files=max_files
+        )
+
+    # Other tenants before the leased job's own; each tenant's oldest that fits, in turn.
+    assert choose(8, 3) == ["b1", "c1", "a2", "b2", "a3", "a4"]
+    # The union of adapter files stays within the slots: once b1 brought z next to x, no job
+    # with y fits (c1, a2 are skipped), jobs with x or none still do.
+    assert choose(8, 2) == ["b1", "a3", "b2", "a4"]
+    # The image limit counts num_images: b2 (2 images) does not fit the last free image.
+    assert choose(4, 2) == ["b1", "a3", "a4"]
+    assert choose(3, 1) == ["b2"]
+    assert choose(1, 4) == []
+    # The batch so far counts: its images and its files.
+    mates = [first, _candidate("d1", "D", "y", images=3)]
+    assert dispatch.choose_batch_mates(mates, candidates, max_images=4, max_adapter_files=8) == []
+    assert dispatch.choose_batch_mates(mates, candidates, max_images=5, max_adapter_files=3) == [
+        "b1"
+    ]
