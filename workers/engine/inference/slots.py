@@ -4,26 +4,32 @@
 ``max_rank``) into every supported module of the UNet and the text encoder, once. Resident
 adapters are plain tensors on the device, outside the model (``ResidentAdapter``). Switching the
 active set copies the requested adapters' A/B into slots in place (rank zero-padded), sets each
-slot's scale to ``weight * alpha / rank`` and takes unused slots out of the forward pass. The
-cost depends on the pool and on the adapters being switched in, never on how many adapters are
-resident, unlike diffusers' ``set_adapters`` which walks every loaded adapter.
+slot's scale to the weight (alpha / rank is folded into B) and takes unused slots out of the
+forward pass. The cost depends on the pool and on the adapters being switched in, never on how
+many adapters are resident, unlike diffusers' ``set_adapters`` which walks every loaded adapter.
 
 Mixed batches (``activate_rows``): every image (row) of one pipeline call may use its own
-adapters and weights. The union of the batch's adapters sits in slots; each slot's scale is a
-tensor with one weight per row (0 for rows that do not use it, which adds exactly 0), viewed as
-``[rows, 1, 1]`` for Linear layers and ``[rows, 1, 1, 1]`` for Conv2d, so it broadcasts over the
-layer's output. One tensor per slot and component serves every layer because each module's
-``alpha / rank`` is folded into its copy of B when the adapter is made resident (a layer's scale
-is then the weight alone). The UNet sees each row ``repeats`` times (classifier-free guidance
-stacks the negative rows before the positive ones), the text encoder once per prompt list.
+adapters and weights. The union of the batch's adapters sits in slots, and each row gets a
+weight per slot, 0 for a slot it does not use. Each module's ``alpha / rank`` is folded into
+its copy of B when the adapter is made resident, so a layer's scale is the weight alone and one
+row vector per slot serves every layer. The UNet sees each row ``repeats`` times
+(classifier-free guidance stacks the negative rows before the positive ones), the text encoder
+once per prompt list. How the rows' weights reach the layers depends on the mode (below).
 
 Two modes:
 
 * dynamic (default): each LoRA layer's active-adapter list holds only the slots whose adapter
   targets that layer, so an idle slot costs nothing and with no adapters every layer runs
-  exactly its base module (bitwise equal to the pristine model).
-* ``static_graph=True``: every slot stays active in every layer, in a fixed order, and scales
-  are row tensors updated in place; a layer an adapter does not target gets zeroed weights.
+  exactly its base module (bitwise equal to the pristine model). A mixed batch instead empties
+  the active lists and a forward hook adds the layer's delta from its slots stacked along the
+  rank (each cut to the rank it holds): ``((x @ A_stack.T) * row_weights) @ B_stack.T``, where
+  ``row_weights`` repeats each row's slot weight over that slot's ranks. That is two products
+  and a multiply per layer whatever the number of adapters mixed, and costs the sum of the
+  adapters' ranks, not the padded rank of every slot.
+* ``static_graph=True``: every slot stays active in every layer, in a fixed order, and each
+  slot's scale is its row-weight tensor (``[rows, 1, 1]`` for Linear inputs, ``[rows, 1, 1,
+  1]`` for Conv2d), updated in place, which peft's forward broadcasts over the layer's output;
+  a layer an adapter does not target gets zeroed weights.
   Nothing the forward pass reads changes identity or shape while the batch size stays, so a
   ``torch.compile``'d model does not recompile on a switch nor on a new mix of adapters (the
   approach of peft's ``prepare_model_for_compiled_hotswap``).
@@ -31,10 +37,10 @@ Two modes:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -105,6 +111,19 @@ class _RowScales:
         return cls(rows=rows, linear=rows.view(-1, 1, 1), conv=rows.view(-1, 1, 1, 1))
 
 
+@dataclass(frozen=True)
+class _StackedLora:
+    """Dynamic mode, mixed batch: the layer's slots in use, stacked along the rank (each cut to
+    the rank it holds), with one weight per row and rank. The layer's delta is then two
+    products and a multiply, however many adapters the batch mixes."""
+
+    lora_A: torch.Tensor  # [sum of ranks, in] (Conv2d: [sum of ranks, in, kh, kw])
+    lora_B: torch.Tensor  # [out, sum of ranks] (Conv2d: [out, sum of ranks, 1, 1])
+    scales: torch.Tensor  # [rows, 1, sum of ranks] (Conv2d: [rows, sum of ranks, 1, 1])
+    # Conv2d only: lora_A's stride and padding (the base layer's); lora_B is 1x1.
+    conv: dict[str, Any] | None = None
+
+
 @dataclass
 class _SlotLayer:
     component: str
@@ -118,6 +137,7 @@ class _SlotLayer:
     # The scale each slot has now, mirrored in Python so a switch never reads the device.
     scales: list[float]
     active: tuple[str, ...]
+    stacked: _StackedLora | None = None
 
 
 class LoraSlotPool:
@@ -189,6 +209,10 @@ class LoraSlotPool:
             if not hasattr(module, "_active_adapter"):
                 raise RuntimeError("this peft version keeps a layer's active adapters elsewhere")
             self._index[(component, name)] = len(self._layers)
+            if not self.static_graph:
+                cast(torch.nn.Module, module).register_forward_hook(
+                    self._stacked_hook(len(self._layers))
+                )
             self._layers.append(
                 _SlotLayer(
                     component=component,
@@ -379,6 +403,7 @@ class LoraSlotPool:
 
     def _apply_dynamic(self, layer_slots: Mapping[int, list[tuple[int, float]]]) -> None:
         for index, layer in enumerate(self._layers):
+            layer.stacked = None
             wanted = layer_slots.get(index, [])
             for slot, scale in wanted:
                 layer.module.scaling[self.slot_names[slot]] = scale
@@ -388,30 +413,69 @@ class LoraSlotPool:
                 # The forward pass adds the slots in this order (the order of the request).
                 _set_layer_active(layer, active)
 
+    @torch.no_grad()
     def _apply_rows_dynamic(
         self,
         adapters: Sequence[ResidentAdapter],
         assignment: Sequence[int],
         rows_of: Callable[[str, int], torch.Tensor],
     ) -> None:
-        scales: dict[tuple[str, int], _RowScales] = {}
         layer_slots: dict[int, list[int]] = {}
         for slot, adapter in zip(assignment, adapters, strict=True):
             for module in adapter.modules:
                 layer_slots.setdefault(module.layer_index, []).append(slot)
+        scales: dict[tuple[str, tuple[tuple[int, int], ...]], torch.Tensor] = {}
         for index, layer in enumerate(self._layers):
-            wanted = layer_slots.get(index, [])
-            for slot in wanted:
-                row_scales = scales.get((layer.component, slot))
-                if row_scales is None:
-                    row_scales = _RowScales.of(rows_of(layer.component, slot))
-                    scales[(layer.component, slot)] = row_scales
-                scaling = row_scales.conv if layer.conv else row_scales.linear
-                layer.module.scaling[self.slot_names[slot]] = scaling
-                layer.scales[slot] = math.nan  # a tensor now: the next switch sets it again
-            active = tuple(self.slot_names[slot] for slot in wanted)
-            if active != layer.active:
-                _set_layer_active(layer, active)
+            if layer.active:
+                _set_layer_active(layer, ())
+            ranked = tuple(
+                (slot, layer.filled_rank[slot])
+                for slot in layer_slots.get(index, [])
+                if layer.filled_rank[slot]
+            )
+            if not ranked:
+                layer.stacked = None
+                continue
+            key = (layer.component, ranked)
+            if key not in scales:
+                columns = [
+                    rows_of(layer.component, slot)[:, None].expand(-1, rank)
+                    for slot, rank in ranked
+                ]
+                scales[key] = torch.cat(columns, dim=1)
+            row_scales = scales[key]
+            layer.stacked = _StackedLora(
+                lora_A=torch.cat([layer.lora_A[slot][:rank] for slot, rank in ranked]),
+                lora_B=torch.cat([layer.lora_B[slot][:, :rank] for slot, rank in ranked], dim=1),
+                scales=row_scales[:, :, None, None] if layer.conv else row_scales[:, None, :],
+                conv=self._conv_args(layer) if layer.conv else None,
+            )
+
+    def _conv_args(self, layer: _SlotLayer) -> dict[str, Any]:
+        """A Conv2d layer's lora_A geometry (the base layer's), for the stacked delta."""
+        lora_A = cast(torch.nn.Module, layer.module).get_submodule(f"lora_A.{self.slot_names[0]}")
+        assert isinstance(lora_A, torch.nn.Conv2d)
+        return {"stride": lora_A.stride, "padding": lora_A.padding, "dilation": lora_A.dilation}
+
+    def _stacked_hook(self, index: int) -> Callable[..., torch.Tensor | None]:
+        """The forward hook that adds a mixed batch's LoRA delta to a layer's base output."""
+
+        def hook(
+            module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor | None:
+            stacked = self._layers[index].stacked
+            if stacked is None:
+                return None
+            x = args[0].to(stacked.lora_A.dtype)
+            if stacked.conv is not None:
+                hidden = torch.nn.functional.conv2d(x, stacked.lora_A, **stacked.conv)
+                delta = torch.nn.functional.conv2d(hidden * stacked.scales, stacked.lora_B)
+            else:
+                hidden = torch.nn.functional.linear(x, stacked.lora_A)
+                delta = torch.nn.functional.linear(hidden * stacked.scales, stacked.lora_B)
+            return output + delta.to(output.dtype)
+
+        return hook
 
     @torch.no_grad()
     def _write_row_scales(self, rows_of: Callable[[str, int], torch.Tensor]) -> None:
