@@ -2,7 +2,8 @@
 the worker that runs it and by the routes that answer about it.
 
 A job row stores them as JSON (``job.params``); these models are the only code that knows that
-JSON's shape. Batch compatibility of generation jobs is defined here, once: ``batch_key``.
+JSON's shape. The shape that lets generation jobs share a pipeline call is defined here, once:
+``batch_key`` (the limits on a batch's images and adapters are the worker's, in ``dispatch``).
 """
 
 from __future__ import annotations
