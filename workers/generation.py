@@ -103,8 +103,7 @@ def _to_request(job: LeasedJob) -> GenerationRequest:
     return GenerationRequest(
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt,
-        # The cache key is the artifact key: content-addressed, so equal files share an entry.
-        adapters=tuple(AdapterRef(key=a.storage_key, weight=a.weight) for a in params.adapters),
+        adapters=tuple(AdapterRef(key, weight=w) for key, w in _weights_by_file(params).items()),
         num_inference_steps=spec.num_inference_steps,
         guidance_scale=spec.guidance_scale,
         width=spec.width,
@@ -113,6 +112,16 @@ def _to_request(job: LeasedJob) -> GenerationRequest:
         num_images=spec.num_images,
         scheduler=spec.scheduler,
     )
+
+
+def _weights_by_file(params: GenerateParams) -> dict[str, float]:
+    """Each adapter file's weight. The cache key is the artifact key: content-addressed, so two
+    versions with the same file share an entry, and their weights add up (as loading the file
+    twice would), rather than the request failing its whole batch."""
+    weights: dict[str, float] = {}
+    for adapter in params.adapters:
+        weights[adapter.storage_key] = weights.get(adapter.storage_key, 0.0) + adapter.weight
+    return weights
 
 
 def _lease_batch(session: Session, rt: WorkerRuntime, message_job_id: str) -> list[LeasedJob]:

@@ -75,6 +75,7 @@ def test_jobs_with_different_adapters_from_two_tenants_share_a_call(
     for tenant in (auth, other_auth):
         for name, path in zip(("alpha", "beta", "gamma"), adapters, strict=True):
             publish(stack, tenant, name, path)
+    publish(stack, other_auth, "gamma-copy", adapters[2])  # the same file under another name
     _stop_workers(stack)
     one, two = auth, other_auth
     queued = [
@@ -82,7 +83,16 @@ def test_jobs_with_different_adapters_from_two_tenants_share_a_call(
         (one, _queue(client, one, 2, adapters=[{"ref": "beta", "weight": 0.8}])),
         (one, _queue(client, one, 3)),  # the base model
         (two, _queue(client, two, 4, adapters=[{"ref": "alpha", "weight": 0.3}])),
-        (two, _queue(client, two, 5, adapters=[{"ref": "gamma"}])),
+        # One file in one slot; the two weights add up, as loading the file twice would.
+        (
+            two,
+            _queue(
+                client,
+                two,
+                5,
+                adapters=[{"ref": "gamma", "weight": 0.6}, {"ref": "gamma-copy", "weight": 0.4}],
+            ),
+        ),
         (one, _queue(client, one, 6, num_images=2)),
     ]
 
@@ -90,8 +100,8 @@ def test_jobs_with_different_adapters_from_two_tenants_share_a_call(
     jobs = [_finished(client, tenant, job_id) for tenant, job_id in queued]
 
     # The first call: tenant one's oldest, then round robin: two's alpha@0.3, one's beta, then
-    # gamma would be a third file in two slots (skipped) and one's base job fills the 4 images.
-    # The second call: gamma and the two-image base job.
+    # gamma's job would be a third file in two slots (skipped) and one's base job fills the 4
+    # images. The second call: gamma's job and the two-image base job.
     assert [j["result"]["batch_size"] for j in jobs] == [4, 4, 4, 4, 2, 2]
     assert len({j["result"]["timings"]["total_s"] for j in jobs[:4]}) == 1
     assert {j["result"]["timings"]["batch_wait_s"] for j in jobs} == {0.0}
@@ -101,6 +111,7 @@ def test_jobs_with_different_adapters_from_two_tenants_share_a_call(
         1: (one, {"adapters": [{"ref": "beta", "weight": 0.8}]}),
         2: (one, {}),
         3: (two, {"adapters": [{"ref": "alpha", "weight": 0.3}]}),
+        4: (two, {"adapters": [{"ref": "gamma", "weight": 1.0}]}),
     }.items():
         alone = client.post(
             "/generate",

@@ -21,11 +21,10 @@ Two modes:
 * dynamic (default): each LoRA layer's active-adapter list holds only the slots whose adapter
   targets that layer, so an idle slot costs nothing and with no adapters every layer runs
   exactly its base module (bitwise equal to the pristine model). A mixed batch instead empties
-  the active lists and a forward hook adds the layer's delta from its slots stacked along the
-  rank (each cut to the rank it holds): ``((x @ A_stack.T) * row_weights) @ B_stack.T``, where
-  ``row_weights`` repeats each row's slot weight over that slot's ranks. That is two products
-  and a multiply per layer whatever the number of adapters mixed, and costs the sum of the
-  adapters' ranks, not the padded rank of every slot.
+  the active lists and a forward hook adds each slot's delta on the rows that use it only
+  (``index_select``, the slot's A and B cut to the rank they hold, times the rows' weights,
+  ``index_add_``): each row costs the ranks of its own adapters, as in a uniform batch, and a
+  base-only row is never touched.
 * ``static_graph=True``: every slot stays active in every layer, in a fixed order, and each
   slot's scale is its row-weight tensor (``[rows, 1, 1]`` for Linear inputs, ``[rows, 1, 1,
   1]`` for Conv2d), updated in place, which peft's forward broadcasts over the layer's output;
@@ -112,16 +111,22 @@ class _RowScales:
 
 
 @dataclass(frozen=True)
-class _StackedLora:
-    """Dynamic mode, mixed batch: the layer's slots in use, stacked along the rank (each cut to
-    the rank it holds), with one weight per row and rank. The layer's delta is then two
-    products and a multiply, however many adapters the batch mixes."""
+class _RowGroup:
+    """Dynamic mode, mixed batch: the rows of a component's batch that use one slot, and their
+    weights shaped for Linear ([rows, 1, 1]) and Conv2d ([rows, 1, 1, 1]) outputs."""
 
-    lora_A: torch.Tensor  # [sum of ranks, in] (Conv2d: [sum of ranks, in, kh, kw])
-    lora_B: torch.Tensor  # [out, sum of ranks] (Conv2d: [out, sum of ranks, 1, 1])
-    scales: torch.Tensor  # [rows, 1, sum of ranks] (Conv2d: [rows, sum of ranks, 1, 1])
-    # Conv2d only: lora_A's stride and padding (the base layer's); lora_B is 1x1.
-    conv: dict[str, Any] | None = None
+    rows: torch.Tensor | None  # indices into the batch; None when every row uses the slot
+    linear: torch.Tensor
+    conv: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _MixedLayer:
+    """Dynamic mode, mixed batch: a layer's slots in use, each cut to the rank it holds, with
+    the rows that use it. Conv2d layers also keep lora_A's geometry (lora_B is 1x1)."""
+
+    parts: tuple[tuple[torch.Tensor, torch.Tensor, _RowGroup], ...]
+    conv: dict[str, Any] | None
 
 
 @dataclass
@@ -137,7 +142,7 @@ class _SlotLayer:
     # The scale each slot has now, mirrored in Python so a switch never reads the device.
     scales: list[float]
     active: tuple[str, ...]
-    stacked: _StackedLora | None = None
+    mixed: _MixedLayer | None = None
 
 
 class LoraSlotPool:
@@ -211,7 +216,7 @@ class LoraSlotPool:
             self._index[(component, name)] = len(self._layers)
             if not self.static_graph:
                 cast(torch.nn.Module, module).register_forward_hook(
-                    self._stacked_hook(len(self._layers))
+                    self._mixed_hook(len(self._layers))
                 )
             self._layers.append(
                 _SlotLayer(
@@ -357,13 +362,12 @@ class LoraSlotPool:
         columns = torch.tensor(weights, dtype=slot_A.dtype).reshape(len(weights), len(adapters))
         per_slot = torch.zeros(len(weights), self.max_active, dtype=slot_A.dtype)
         per_slot[:, assignment] = columns
-        per_slot = per_slot.to(slot_A.device)
 
         def rows_of(component: str, slot: int) -> torch.Tensor:
             return per_slot[:, slot].repeat(repeats.get(component, 1))
 
         if self.static_graph:
-            self._write_row_scales(rows_of)
+            self._write_row_scales(lambda c, slot: rows_of(c, slot).to(slot_A.device))
         else:
             self._apply_rows_dynamic(adapters, assignment, rows_of)
         self._active = tuple(
@@ -403,7 +407,7 @@ class LoraSlotPool:
 
     def _apply_dynamic(self, layer_slots: Mapping[int, list[tuple[int, float]]]) -> None:
         for index, layer in enumerate(self._layers):
-            layer.stacked = None
+            layer.mixed = None
             wanted = layer_slots.get(index, [])
             for slot, scale in wanted:
                 layer.module.scaling[self.slot_names[slot]] = scale
@@ -424,32 +428,34 @@ class LoraSlotPool:
         for slot, adapter in zip(assignment, adapters, strict=True):
             for module in adapter.modules:
                 layer_slots.setdefault(module.layer_index, []).append(slot)
-        scales: dict[tuple[str, tuple[tuple[int, int], ...]], torch.Tensor] = {}
+        groups: dict[tuple[str, int], _RowGroup | None] = {}
         for index, layer in enumerate(self._layers):
             if layer.active:
                 _set_layer_active(layer, ())
-            ranked = tuple(
-                (slot, layer.filled_rank[slot])
-                for slot in layer_slots.get(index, [])
-                if layer.filled_rank[slot]
+            parts: list[tuple[torch.Tensor, torch.Tensor, _RowGroup]] = []
+            for slot in layer_slots.get(index, []):
+                rank = layer.filled_rank[slot]
+                key = (layer.component, slot)
+                if key not in groups:
+                    groups[key] = self._row_group(rows_of(*key))
+                group = groups[key]
+                if rank and group is not None:
+                    parts.append((layer.lora_A[slot][:rank], layer.lora_B[slot][:, :rank], group))
+            layer.mixed = (
+                _MixedLayer(tuple(parts), self._conv_args(layer) if layer.conv else None)
+                if parts
+                else None
             )
-            if not ranked:
-                layer.stacked = None
-                continue
-            key = (layer.component, ranked)
-            if key not in scales:
-                columns = [
-                    rows_of(layer.component, slot)[:, None].expand(-1, rank)
-                    for slot, rank in ranked
-                ]
-                scales[key] = torch.cat(columns, dim=1)
-            row_scales = scales[key]
-            layer.stacked = _StackedLora(
-                lora_A=torch.cat([layer.lora_A[slot][:rank] for slot, rank in ranked]),
-                lora_B=torch.cat([layer.lora_B[slot][:, :rank] for slot, rank in ranked], dim=1),
-                scales=row_scales[:, :, None, None] if layer.conv else row_scales[:, None, :],
-                conv=self._conv_args(layer) if layer.conv else None,
-            )
+
+    def _row_group(self, weights: torch.Tensor) -> _RowGroup | None:
+        """The rows with a non-zero weight (None when there are none), on the slots' device."""
+        used = weights.nonzero().squeeze(1)
+        if not len(used):
+            return None
+        device = self._layers[0].lora_A[0].device
+        rows = None if len(used) == len(weights) else used.to(device)
+        values = weights[used].to(device)
+        return _RowGroup(rows=rows, linear=values.view(-1, 1, 1), conv=values.view(-1, 1, 1, 1))
 
     def _conv_args(self, layer: _SlotLayer) -> dict[str, Any]:
         """A Conv2d layer's lora_A geometry (the base layer's), for the stacked delta."""
@@ -457,23 +463,31 @@ class LoraSlotPool:
         assert isinstance(lora_A, torch.nn.Conv2d)
         return {"stride": lora_A.stride, "padding": lora_A.padding, "dilation": lora_A.dilation}
 
-    def _stacked_hook(self, index: int) -> Callable[..., torch.Tensor | None]:
-        """The forward hook that adds a mixed batch's LoRA delta to a layer's base output."""
+    def _mixed_hook(self, index: int) -> Callable[..., torch.Tensor | None]:
+        """The forward hook that adds a mixed batch's LoRA deltas to a layer's base output, each
+        slot's on the rows that use it."""
 
         def hook(
-            module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+            _module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
         ) -> torch.Tensor | None:
-            stacked = self._layers[index].stacked
-            if stacked is None:
+            mixed = self._layers[index].mixed
+            if mixed is None:
                 return None
-            x = args[0].to(stacked.lora_A.dtype)
-            if stacked.conv is not None:
-                hidden = torch.nn.functional.conv2d(x, stacked.lora_A, **stacked.conv)
-                delta = torch.nn.functional.conv2d(hidden * stacked.scales, stacked.lora_B)
-            else:
-                hidden = torch.nn.functional.linear(x, stacked.lora_A)
-                delta = torch.nn.functional.linear(hidden * stacked.scales, stacked.lora_B)
-            return output + delta.to(output.dtype)
+            x = args[0]
+            for lora_A, lora_B, group in mixed.parts:
+                sub = (x if group.rows is None else x.index_select(0, group.rows)).to(lora_A.dtype)
+                if mixed.conv is not None:
+                    hidden = torch.nn.functional.conv2d(sub, lora_A, **mixed.conv)
+                    delta = torch.nn.functional.conv2d(hidden, lora_B) * group.conv
+                else:
+                    hidden = torch.nn.functional.linear(sub, lora_A)
+                    delta = torch.nn.functional.linear(hidden, lora_B) * group.linear
+                # The base output is this call's own tensor: add in place.
+                if group.rows is None:
+                    output += delta.to(output.dtype)
+                else:
+                    output.index_add_(0, group.rows, delta.to(output.dtype))
+            return output
 
         return hook
 
