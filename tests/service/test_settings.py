@@ -71,3 +71,21 @@ def test_bad_settings_fail_with_one_clear_line(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("lorastack: error:") and message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_batching_settings_and_their_bounds() -> None:
+    from pydantic import ValidationError
+
+    defaults = Settings()
+    assert (defaults.generate_batch_max, defaults.generate_batch_wait_s) == (8, 0.0)
+    assert defaults.inference_slot_count == 8
+    # Any one request's adapters always fit the slots.
+    assert Settings(inference_slots=2, generate_max_adapters=4).inference_slot_count == 4
+    for bad in (
+        {"generate_batch_wait_s": 11},
+        {"generate_batch_wait_s": -1},
+        {"generate_batch_max": 0},
+        {"inference_slots": 0},
+    ):
+        with pytest.raises(ValidationError):
+            Settings(**bad)
