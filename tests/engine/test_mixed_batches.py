@@ -127,6 +127,27 @@ def test_a_batch_whose_adapters_overflow_the_slots_is_split(
     torch.testing.assert_close(batched[3].latents, alone.latents, atol=1e-3, rtol=0)
 
 
+def test_without_classifier_free_guidance_the_unet_sees_each_row_once(
+    engine: InferenceEngine, lora_files: dict[str, Path]
+) -> None:
+    requests = [
+        GenerationRequest(
+            prompt="a photo of a cat",
+            adapters=adapters,
+            num_inference_steps=STEPS,
+            guidance_scale=1.0,
+            seed=seed,
+        )
+        for seed, adapters in enumerate(
+            [[AdapterRef("a", lora_files["a"], 1.0)], [], [AdapterRef("b", lora_files["b"], 0.5)]]
+        )
+    ]
+    batched = engine.generate_batch(requests)
+    for got, request in zip(batched, requests, strict=True):
+        want = engine.generate(request)
+        torch.testing.assert_close(got.latents, want.latents, atol=1e-3, rtol=0)
+
+
 @pytest.fixture
 def dynamo_counters() -> Iterator[Any]:
     from torch._dynamo.utils import counters
