@@ -18,7 +18,8 @@ Batch mates. A generation worker that has leased a job also leases queued jobs o
 shape (``job_params.batch_key``) to run in the same pipeline call, whatever their adapters:
 ``choose_batch_mates`` takes them round robin across tenants (each tenant's oldest first, the
 tenants in the order of their oldest job, the leased job's tenant last), skipping a job that
-would take the batch past its image limit or its union of adapter files past the worker's slots.
+would take the batch past its image limit or its union of adapter files past the worker's slots,
+and a tenant at its running cap.
 So one tenant's flood of compatible jobs shares a batch with the other tenants' jobs instead of
 filling it.
 
@@ -30,7 +31,7 @@ queue holds fewer messages than there are jobs queued longer than a grace period
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -65,14 +66,7 @@ def next_fair_job(
     if not oldest:
         return None
     tenants = list(oldest)
-    running: dict[str, int] = {
-        tenant: int(count)
-        for tenant, count in session.execute(
-            select(_job.tenant_id, func.count())
-            .where(_job.status.in_(RUNNING_STATES), _job.kind == kind, _job.tenant_id.in_(tenants))
-            .group_by(_job.tenant_id)
-        )
-    }
+    running = running_counts(session, kind=kind, tenants=tenants)
     if max_running is not None:
         tenants = [t for t in tenants if running.get(t, 0) < max_running]
         if not tenants:
@@ -117,8 +111,15 @@ def choose_batch_mates(
     *,
     max_images: int,
     max_adapter_files: int,
+    running: Mapping[str, int] | None = None,
+    max_running: int | None = None,
 ) -> list[str]:
-    """The ids of ``candidates`` to add to ``batch`` (module doc), in the order taken."""
+    """The ids of ``candidates`` to add to ``batch`` (module doc), in the order taken.
+
+    ``running`` (jobs each tenant has running, the batch's included) and ``max_running``: a
+    tenant stops getting jobs into the batch at its running cap, as the fair lease skips it.
+    """
+    running = dict(running or {})
     images = sum(job.images for job in batch)
     files = set().union(*(job.adapter_files for job in batch))
     queues: dict[str, list[BatchCandidate]] = {}
@@ -131,6 +132,8 @@ def choose_batch_mates(
     while tenants and images < max_images:
         for tenant in list(tenants):
             queue = queues[tenant]
+            if max_running is not None and running.get(tenant, 0) >= max_running:
+                queue.clear()
             # A job that does not fit now never will (the batch only grows): drop it.
             while queue:
                 job = queue.pop(0)
@@ -138,12 +141,25 @@ def choose_batch_mates(
                     len(files | job.adapter_files) <= max_adapter_files
                 ):
                     chosen.append(job.id)
+                    running[tenant] = running.get(tenant, 0) + 1
                     images += job.images
                     files |= job.adapter_files
                     break
             if not queue:
                 tenants.remove(tenant)
     return chosen
+
+
+def running_counts(session: Session, *, kind: str, tenants: Sequence[str]) -> dict[str, int]:
+    """How many jobs of ``kind`` each of ``tenants`` has running (absent: none)."""
+    return {
+        tenant: int(count)
+        for tenant, count in session.execute(
+            select(_job.tenant_id, func.count())
+            .where(_job.status.in_(RUNNING_STATES), _job.kind == kind, _job.tenant_id.in_(tenants))
+            .group_by(_job.tenant_id)
+        )
+    }
 
 
 def check_queued_quota(session: Session, *, settings: Settings, tenant_id: str, kind: str) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from service import lifecycle
 from service.db import new_id, transaction, utcnow
-from service.dispatch import BatchCandidate, choose_batch_mates
+from service.dispatch import BatchCandidate, choose_batch_mates, running_counts
 from service.job_params import GenerateParams
 from service.lifecycle import LeasedJob
 from service.models import Image, JobKind, JobStatus
@@ -172,11 +172,15 @@ def _lease_mates(session: Session, rt: WorkerRuntime, batch: list[LeasedJob]) ->
     ).all()
     if not rows:
         return []
+    candidates = [_candidate(*row) for row in rows]
+    kind = JobKind.GENERATE.value
     chosen = choose_batch_mates(
         current,
-        [_candidate(*row) for row in rows],
+        candidates,
         max_images=settings.generate_batch_max,
         max_adapter_files=settings.inference_slot_count,
+        running=running_counts(session, kind=kind, tenants=[c.tenant_id for c in candidates]),
+        max_running=settings.tenant_max_running(kind),
     )
     if not chosen:
         return []

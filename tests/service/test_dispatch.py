@@ -268,3 +268,20 @@ def test_batch_mates_round_robin_across_tenants_within_the_limits() -> None:
     assert dispatch.choose_batch_mates(mates, candidates, max_images=5, max_adapter_files=3) == [
         "b1"
     ]
+
+
+def test_batch_mates_stop_at_a_tenants_running_cap() -> None:
+    first = _candidate("a1", "A")
+    candidates = [_candidate(f"b{i}", "B") for i in range(4)] + [_candidate("a2", "A")]
+
+    chosen = dispatch.choose_batch_mates(
+        [first],
+        candidates,
+        max_images=8,
+        max_adapter_files=4,
+        running={"A": 1, "B": 1},
+        max_running=3,
+    )
+
+    # B had 1 running: 2 more; A had 1 (the leased job): 1 more.
+    assert chosen == ["b0", "a2", "b1"]
