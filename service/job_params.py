@@ -74,15 +74,19 @@ class GenerationSpec(_Params):
 
 
 class AdapterUse(_Params):
-    """One adapter of a generation, resolved to the version (and file) it names now."""
+    """One adapter of a generation, resolved to the version (and file) it names now; for a
+    checkpoint ref, to the training checkpoint (``version`` None, ``version_id`` standing for
+    ``<job id>@ckpt:<step>``)."""
 
     ref: str
     name: str
-    version: int
+    version: int | None
     version_id: str
     storage_key: str
     sha256: str
     weight: float
+    job_id: str | None = None
+    checkpoint_step: int | None = None
 
 
 # The settings that make two generations share one pipeline call (besides the adapter set).

@@ -357,8 +357,10 @@ class ResolvedAdapter(Response):
 
     ref: str
     name: str
-    version: int
+    version: int | None = None
     weight: float
+    job_id: str | None = None
+    checkpoint_step: int | None = None
 
 
 class Generation(Response):
