@@ -165,6 +165,20 @@ class Settings(BaseSettings):
     inference_disk_cache_bytes: int = 20 * 1024**3
     inference_dtype: str = Field(default="auto", description="auto | fp32 | fp16 | bf16")
 
+    # Evaluation of training runs (docs/evaluation.md): evaluator models by name (clip, dino)
+    # -> hub id or local folder; unset = tiny random ones built in the data dir.
+    evaluator_models: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description='JSON object {"clip": ..., "dino": ...}: hub ids or local folders',
+    )
+    eval_batch_size: int = Field(default=8, ge=1, description="images per evaluation call")
+    eval_cmmd_min_images: int = Field(
+        default=4, ge=2, description="training images needed before CMMD is reported"
+    )
+    eval_max_reference_images: int = Field(
+        default=64, ge=1, description="training images embedded for fidelity and CMMD"
+    )
+
     # Limits.
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, gt=0, description="cap on multipart/form-data uploads"
@@ -180,7 +194,7 @@ class Settings(BaseSettings):
     )
     page_limit_max: int = 200
 
-    @field_validator("base_models", mode="before")
+    @field_validator("base_models", "evaluator_models", mode="before")
     @classmethod
     def _parse_base_models(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -272,6 +286,17 @@ class Settings(BaseSettings):
         if self.base_models:
             return dict(self.base_models)
         return {TINY_MODEL_NAME: str(self.tiny_model_dir)}
+
+    @property
+    def tiny_evaluators_dir(self) -> Path:
+        return (self.data_dir / "models" / "evaluators").resolve()
+
+    @property
+    def evaluator_sources(self) -> dict[str, str]:
+        """Configured evaluator models; with none configured, the tiny ones in the data dir."""
+        if self.evaluator_models:
+            return dict(self.evaluator_models)
+        return {name: str(self.tiny_evaluators_dir / name) for name in ("clip", "dino")}
 
     @property
     def default_base_model(self) -> str:

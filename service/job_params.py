@@ -35,10 +35,13 @@ def unet_targets(target_modules: str | list[str] | tuple[str, ...]) -> tuple[str
 
 
 class TrainParams(_Params):
-    """A training job: every hyperparameter resolved, and the dataset's content hash."""
+    """A training job: every hyperparameter resolved, the dataset's content hash, and the
+    evaluation asked for (``service/jobs/training_schemas.py: Evaluation``, defaults filled)."""
 
     hyperparameters: dict[str, Any]
     dataset_sha256: str | None = None
+    evaluation: dict[str, Any] | None = None
+    publish: str = "final"  # "final" or "best" (the best checkpoint by evaluation.select)
 
     @property
     def rank(self) -> int | None:

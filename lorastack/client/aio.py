@@ -97,14 +97,19 @@ class AsyncJobs:
         hyperparameters: models.Hyperparameters | dict[str, Any] | None = None,
         dry_run: bool = False,
         idempotency_key: str | None = None,
+        evaluation: models.Evaluation | dict[str, Any] | None = None,
+        publish: str | None = None,
     ) -> models.Job | models.TrainingPlan:
-        """Queue a training run (or, with ``dry_run``, answer its plan without queuing)."""
+        """Queue a training run (or, with ``dry_run``, answer its plan without queuing);
+        ``evaluation`` scores its checkpoints (docs/evaluation.md)."""
         body = calls.train_request(
             dataset_id,
             adapter_name,
             base_model=base_model,
             hyperparameters=hyperparameters,
             dry_run=dry_run,
+            evaluation=evaluation,
+            publish=publish,
         )
         return await self._t.send(calls.create_job(body, idempotency_key=idempotency_key))
 

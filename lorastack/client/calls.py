@@ -351,6 +351,8 @@ def train_request(
     base_model: str | None,
     hyperparameters: models.Hyperparameters | dict[str, Any] | None,
     dry_run: bool,
+    evaluation: models.Evaluation | dict[str, Any] | None = None,
+    publish: str | None = None,
 ) -> models.TrainJobCreate:
     hp = (
         hyperparameters
@@ -362,4 +364,12 @@ def train_request(
         fields["base_model"] = base_model
     if dry_run:
         fields["dry_run"] = True
+    if evaluation is not None:
+        fields["evaluation"] = (
+            evaluation
+            if isinstance(evaluation, models.Evaluation)
+            else models.Evaluation(**evaluation)
+        )
+    if publish is not None:
+        fields["publish"] = publish
     return models.TrainJobCreate(hyperparameters=hp, **fields)

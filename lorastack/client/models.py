@@ -180,6 +180,30 @@ class Hyperparameters(Request):
     validation_every: int | None = None
 
 
+class CheckpointSelect(Request):
+    """Which aggregate picks the best checkpoint (docs/evaluation.md)."""
+
+    __schema_name__ = "CheckpointSelect"
+
+    metric: str | None = None
+    mode: str | None = None
+
+
+class Evaluation(Request):
+    """Base model vs LoRA at the same seeds, scored at each checkpoint (docs/evaluation.md)."""
+
+    __schema_name__ = "Evaluation"
+
+    prompts: list[str]
+    control_prompts: list[str] | None = None
+    seeds: list[int] | None = None
+    every: bool | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    metrics: list[str] | None = None
+    select: CheckpointSelect | None = None
+
+
 class TrainJobCreate(Request):
     __schema_name__ = "TrainJobCreate"
 
@@ -187,6 +211,8 @@ class TrainJobCreate(Request):
     adapter_name: str
     base_model: str | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    evaluation: Evaluation | None = None
+    publish: str | None = None
     dry_run: bool = False
 
 
@@ -401,6 +427,8 @@ class WorkerList(Response):
 
 
 ALL_MODELS: tuple[type[Response] | type[Request], ...] = (
+    CheckpointSelect,
+    Evaluation,
     DatasetSummary,
     Dataset,
     DatasetList,

@@ -105,7 +105,10 @@ def create_training_job(
         base_model=base_model,
         adapter_name=body.adapter_name,
         params=TrainParams(
-            hyperparameters=body.hyperparameters.resolved(), dataset_sha256=dataset.sha256
+            hyperparameters=body.hyperparameters.resolved(),
+            dataset_sha256=dataset.sha256,
+            evaluation=body.evaluation.model_dump(mode="json") if body.evaluation else None,
+            publish=body.publish,
         ).model_dump(mode="json"),
     )
 
