@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service import lifecycle
 from service.db import transaction
@@ -182,7 +183,7 @@ class JobEvaluation:
                 base_model=self.job.base_model or "",
                 weights=weights,
             ).stored
-        return self._record(step, result, stored=stored, checkpoint=checkpoint)
+        return self._record(step, result, stored=stored, checkpoint=checkpoint, previous=previous)
 
     def _get_evaluator(self) -> AdapterEvaluator:
         if self._evaluator is None:
@@ -210,9 +211,16 @@ class JobEvaluation:
         return self._evaluator
 
     def _record(
-        self, step: int, result: Evaluation, *, stored: StoredObject | None, checkpoint: bool
+        self,
+        step: int,
+        result: Evaluation,
+        *,
+        stored: StoredObject | None,
+        checkpoint: bool,
+        previous: dict[int, dict[str, Any]],
     ) -> dict[str, Any]:
-        """Store the images, then the event and the checkpoint's metrics in one transaction."""
+        """Store the images and the same-seed grid, then the event and the checkpoint's
+        metrics, in one transaction."""
         with transaction(self.rt.session_factory) as session:
             images = []
             for pair in result.pairs:
@@ -240,6 +248,7 @@ class JobEvaluation:
                 "score_s": round(result.score_s, 3),
                 "checkpoint": checkpoint,
             }
+            data["grid"] = self._grid(session, step, result, previous)
             if stored is not None:
                 data["weights"] = {"key": stored.key, "sha256": stored.sha256, "size": stored.size}
             if checkpoint:
@@ -252,6 +261,55 @@ class JobEvaluation:
                     row.metrics = {**row.metrics, "evaluation": result.metrics}
             lifecycle.add_event(session, job_id=self.job.id, type="metrics", data=data)
         return data
+
+    def _grid(
+        self,
+        session: Session,
+        step: int,
+        result: Evaluation,
+        previous: dict[int, dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The same-seed grid: a row per prompt (target, then control), a column for the base
+        model and one per evaluated step so far, at the first seed."""
+        from workers.engine.grid import compose_grid
+
+        seed = result.pairs[0].seed
+        firsts = [pair for pair in result.pairs if pair.seed == seed]
+        prompts = [pair.prompt for pair in firsts]
+        columns: list[list[Any]] = [[pair.base for pair in firsts]]
+        labels = ["base"]
+        for earlier in sorted(s for s in previous if s != step):
+            by_prompt = {
+                i["prompt"]: i["lora_image_id"]
+                for i in previous[earlier].get("images", [])
+                if i["seed"] == seed
+            }
+            columns.append([self._load_image(session, by_prompt.get(p)) for p in prompts])
+            labels.append(f"step {earlier}")
+        columns.append([pair.lora for pair in firsts])
+        labels.append(f"step {step}")
+        row_labels = [
+            pair.prompt if pair.kind == "target" else f"(control) {pair.prompt}" for pair in firsts
+        ]
+        cells = [[column[r] for column in columns] for r in range(len(prompts))]
+        grid, layout = compose_grid(cells, row_labels=row_labels, column_labels=labels)
+        return {
+            "image_id": self._store_image(session, grid, seed),
+            "seed": seed,
+            "rows": row_labels,
+            "columns": labels,
+            "layout": layout.to_json(),
+        }
+
+    def _load_image(self, session: Session, image_id: str | None) -> Any:
+        """A stored image by id, or None (a blank cell) when it is gone."""
+        from PIL import Image as PILImage
+
+        row = session.get(Image, image_id) if image_id else None
+        if row is None or not self.rt.store.exists(row.storage_key):
+            return None
+        with PILImage.open(self.rt.store.path(row.storage_key)) as picture:
+            return picture.convert("RGB")
 
     def _store_image(self, session: Any, picture: Any, seed: int) -> str:
         buffer = io.BytesIO()

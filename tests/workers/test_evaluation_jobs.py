@@ -119,6 +119,33 @@ def test_evaluated_training_job(
         i["base_image_id"] for i in records[2]["images"]
     }
 
+    # Each step's same-seed grid: a row per prompt, a column for the base model and one per
+    # step so far, each cell the stored image of that prompt at the first seed.
+    import numpy as np
+
+    for step, columns in ((2, ["base", "step 2"]), (6, ["base", "step 2", "step 4", "step 6"])):
+        grid = records[step]["grid"]
+        assert grid["columns"] == columns and grid["seed"] == 0
+        assert grid["rows"] == ["a red square", "(control) a city at night"]
+        layout = grid["layout"]
+        assert (layout["rows"], layout["columns"]) == (2, len(columns))
+        pixels = np.asarray(picture(client, auth, grid["image_id"]))
+        assert pixels.shape[:2] == (
+            layout["origin_y"] + 2 * layout["cell_height"],
+            layout["origin_x"] + len(columns) * layout["cell_width"],
+        )
+        for r, prompt in enumerate(["a red square", "a city at night"]):
+            for c, label in enumerate(columns):
+                source = records[int(label.split()[1])] if c else records[2]
+                entry = next(
+                    i for i in source["images"] if i["prompt"] == prompt and i["seed"] == 0
+                )
+                expected = picture(client, auth, entry["lora_image_id" if c else "base_image_id"])
+                left = layout["origin_x"] + c * layout["cell_width"]
+                top = layout["origin_y"] + r * layout["cell_height"]
+                cell = pixels[top : top + expected.height, left : left + expected.width]
+                assert np.array_equal(cell, np.asarray(expected)), (step, prompt, label)
+
     # The same run again (same seeds), publishing the best checkpoint: the same numbers, and
     # `latest` is the best step's weights.
     again = submit(
