@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     # A waiting request is woken by a Redis notification; it re-reads SQL at least this often.
     generate_poll_s: float = Field(default=1.0, gt=0)
     generate_batch_max: int = 8
+    # POST /grids: cells (rows x columns) of one grid; a grid job counts as generation work
+    # for the tenant quotas.
+    grid_max_cells: int = Field(default=64, ge=1)
     # The OpenAI route answers within this (well under the SDK's 600 s timeout); an SDK retry
     # of the same request within openai_retry_window_s attaches to the first request's job.
     openai_wait_s: float = Field(default=120.0, gt=0)
@@ -236,12 +239,14 @@ class Settings(BaseSettings):
         return {
             "train": self.tenant_max_queued_train,
             "generate": self.tenant_max_queued_generate,
+            "grid": self.tenant_max_queued_generate,
         }.get(kind)
 
     def tenant_max_running(self, kind: str) -> int | None:
         return {
             "train": self.tenant_max_running_train,
             "generate": self.tenant_max_running_generate,
+            "grid": self.tenant_max_running_generate,
         }.get(kind)
 
     @property

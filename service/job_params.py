@@ -123,3 +123,31 @@ class GenerateParams(_Params):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+class GridCell(_Params):
+    """One cell of a grid: what it renders."""
+
+    prompt: str
+    seed: int
+    adapters: list[AdapterUse]
+
+
+class GridParams(_Params):
+    """A grid job: the settings every cell shares, the axis labels and the cells (rows of
+    columns), each resolved to the adapter versions it names now."""
+
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+    x_axis: str
+    y_axis: str | None
+    columns: list[str]
+    rows: list[str]
+    cells: list[list[GridCell]]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -41,6 +41,7 @@ class JobKind(enum.StrEnum):
     TRAIN = "train"
     GENERATE = "generate"
     PING = "ping"
+    GRID = "grid"
 
 
 class DatasetStatus(enum.StrEnum):

@@ -401,6 +401,49 @@ class Generation(Response):
     timings: dict[str, Any]
 
 
+class GridAxis(Request):
+    """One axis of a grid: prompts, seeds, adapter refs (None = base model) or weights."""
+
+    __schema_name__ = "GridAxis"
+
+    axis: str
+    values: list[str | int | float | None]
+
+
+class GridCreate(Request):
+    """A labeled image grid (POST /grids; docs/inference.md)."""
+
+    __schema_name__ = "GridCreate"
+
+    x: GridAxis
+    y: GridAxis | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    adapter: str | None = None
+    weight: float | None = None
+    seed: int | None = None
+    base_model: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    wait: float | None = None
+
+
+class Grid(Response):
+    __schema_name__ = "GridOut"
+
+    job_id: str
+    status: str
+    image_id: str | None = None
+    url: str | None = None
+    rows: list[str]
+    columns: list[str]
+    cells: list[list[dict[str, Any]]]
+    layout: dict[str, int] | None = None
+
+
 # -- workers ----------------------------------------------------------------------------------
 
 
@@ -427,6 +470,9 @@ class WorkerList(Response):
 
 
 ALL_MODELS: tuple[type[Response] | type[Request], ...] = (
+    GridAxis,
+    GridCreate,
+    Grid,
     CheckpointSelect,
     Evaluation,
     DatasetSummary,

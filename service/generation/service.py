@@ -76,7 +76,7 @@ def _resolve_adapters(
     for index, item in enumerate(body.adapters):
         field = f"adapters.{index}.ref"
         try:
-            use = _resolve_one(
+            use = resolve_adapter_use(
                 session, store=store, tenant_id=tenant_id, ref=item.ref, weight=item.weight
             )
         except ServiceError as exc:
@@ -95,17 +95,17 @@ def _resolve_adapters(
 
 
 @dataclass(frozen=True)
-class _Resolved:
+class ResolvedUse:
     adapter: AdapterUse
     base_model: str
 
 
-def _resolve_one(
+def resolve_adapter_use(
     session: Session, *, store: ArtifactStore, tenant_id: str, ref: str, weight: float
-) -> _Resolved:
+) -> ResolvedUse:
     if is_checkpoint_ref(ref):
         checkpoint = resolve_checkpoint_ref(session, store=store, tenant_id=tenant_id, ref=ref)
-        return _Resolved(
+        return ResolvedUse(
             adapter=AdapterUse(
                 ref=ref,
                 name=checkpoint.job.adapter_name or "",
@@ -120,7 +120,7 @@ def _resolve_one(
             base_model=checkpoint.job.base_model or "",
         )
     adapter, version = resolve_ref(session, tenant_id=tenant_id, ref=ref)
-    return _Resolved(
+    return ResolvedUse(
         adapter=AdapterUse(
             ref=ref,
             name=adapter.name,
