@@ -174,6 +174,9 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='JSON object {"clip": ..., "dino": ...}: hub ids or local folders',
     )
+    experiment_max_runs: int = Field(
+        default=16, ge=1, description="training runs one experiment may queue"
+    )
     eval_batch_size: int = Field(default=8, ge=1, description="images per evaluation call")
     eval_cmmd_min_images: int = Field(
         default=4, ge=2, description="training images needed before CMMD is reported"

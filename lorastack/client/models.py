@@ -444,6 +444,53 @@ class Grid(Response):
     layout: dict[str, int] | None = None
 
 
+class ExperimentCreate(Request):
+    """A grid of training runs (POST /experiments; docs/evaluation.md#experiments)."""
+
+    __schema_name__ = "ExperimentCreate"
+
+    dataset_id: str
+    adapter_name: str
+    grid: dict[str, list[Any]]
+    base_model: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    evaluation: Evaluation | None = None
+    publish: str | None = None
+
+
+class ExperimentRun(Response):
+    __schema_name__ = "ExperimentRun"
+
+    index: int
+    job_id: str
+    adapter_name: str
+    parameters: dict[str, Any]
+    status: str
+    trainable_params: int | None = None
+    adapter_file_bytes: int | None = None
+    duration_s: float | None = None
+    final_loss: float | None = None
+    version: int | None = None
+    best_step: int | None = None
+    best_version: int | None = None
+    metrics: dict[str, float]
+
+
+class Experiment(Response):
+    __schema_name__ = "ExperimentOut"
+
+    id: str
+    status: str
+    dataset_id: str | None = None
+    base_model: str
+    adapter_name: str
+    grid: dict[str, list[Any]]
+    select: dict[str, str] | None = None
+    runs: list[ExperimentRun]
+    best_run: int | None = None
+    created_at: datetime
+
+
 # -- workers ----------------------------------------------------------------------------------
 
 
@@ -470,6 +517,9 @@ class WorkerList(Response):
 
 
 ALL_MODELS: tuple[type[Response] | type[Request], ...] = (
+    ExperimentCreate,
+    ExperimentRun,
+    Experiment,
     GridAxis,
     GridCreate,
     Grid,

@@ -91,6 +91,7 @@ def create_training_job(
     body: TrainJobCreate,
     dataset: Dataset,
     base_model: str,
+    experiment_id: str | None = None,
 ) -> Job:
     dispatch.check_queued_quota(
         session, settings=settings, tenant_id=tenant_id, kind=JobKind.TRAIN.value
@@ -104,6 +105,7 @@ def create_training_job(
         dataset_id=dataset.id,
         base_model=base_model,
         adapter_name=body.adapter_name,
+        experiment_id=experiment_id,
         params=TrainParams(
             hyperparameters=body.hyperparameters.resolved(),
             dataset_sha256=dataset.sha256,
