@@ -238,6 +238,11 @@ class Settings(BaseSettings):
             raise ValueError("must be development, production or test")
         return value
 
+    @staticmethod
+    def quota_kind(kind: str) -> str:
+        """The job kind whose quota settings a kind counts against (a grid is generation)."""
+        return "generate" if kind == "grid" else kind
+
     def tenant_max_queued(self, kind: str) -> int | None:
         return {
             "train": self.tenant_max_queued_train,

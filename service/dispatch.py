@@ -106,7 +106,7 @@ def check_queued_quota(session: Session, *, settings: Settings, tenant_id: str, 
         .where(_job.tenant_id == tenant_id, _job.kind == kind, _job.status == _QUEUED)
     )
     if int(queued or 0) >= limit:
-        setting = f"LORASTACK_TENANT_MAX_QUEUED_{kind.upper()}"
+        setting = f"LORASTACK_TENANT_MAX_QUEUED_{settings.quota_kind(kind).upper()}"
         raise TooManyRequests(
             f"{queued} {kind} jobs are already queued for this tenant, the limit is {limit} "
             f"({setting}); retry when some have started",

@@ -39,7 +39,9 @@ class GridAxis(BaseModel):
         for value in self.values:
             kind = {
                 "prompt": isinstance(value, str),
-                "seed": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                "seed": isinstance(value, int)
+                and not isinstance(value, bool)
+                and 0 <= value < 2**63,
                 "adapter": value is None or isinstance(value, str),
                 "weight": isinstance(value, int | float)
                 and not isinstance(value, bool)
@@ -48,7 +50,7 @@ class GridAxis(BaseModel):
             if not kind:
                 expected = {
                     "prompt": "non-empty strings",
-                    "seed": "integers >= 0",
+                    "seed": "integers from 0 to 2**63 - 1",
                     "adapter": "adapter refs or null (the base model)",
                     "weight": "numbers from -4 to 4",
                 }[self.axis]
@@ -126,20 +128,33 @@ def create_grid_job(
     width, height = body.width or side, body.height or side
     y_values: list[Any] = body.y.values if body.y else [None]
     cells_count = len(body.x.values) * len(y_values)
-    checks = (
+    prompts = [body.prompt or "", body.negative_prompt or ""]
+    for axis in (body.x, body.y):
+        if axis is not None and axis.axis == "prompt":
+            prompts += [str(v) for v in axis.values]
+    max_side = int(side * settings.generate_max_side_factor)
+    checks: list[tuple[str, int, int, str]] = [
         ("x", cells_count, settings.grid_max_cells, "grid_max_cells"),
-        ("num_inference_steps", body.num_inference_steps, settings.generate_max_steps, ""),
-        ("width", width, int(side * settings.generate_max_side_factor), ""),
-        ("height", height, int(side * settings.generate_max_side_factor), ""),
-    )
+        (
+            "num_inference_steps",
+            body.num_inference_steps,
+            settings.generate_max_steps,
+            "generate_max_steps",
+        ),
+        ("width", width, max_side, "generate_max_side_factor"),
+        ("height", height, max_side, "generate_max_side_factor"),
+        (
+            "prompt",
+            max(len(p) for p in prompts),
+            settings.generate_max_prompt_chars,
+            "generate_max_prompt_chars",
+        ),
+    ]
     for field, value, limit, setting in checks:
         if value > limit:
-            name = setting or {"num_inference_steps": "generate_max_steps"}.get(
-                field, "generate_max_side_factor"
-            )
             raise field_error(
                 field,
-                f"{value} is over the limit {limit} (LORASTACK_{name.upper()})",
+                f"{value} is over the limit {limit} (LORASTACK_{setting.upper()})",
                 code="limit_exceeded",
             )
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)

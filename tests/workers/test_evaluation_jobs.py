@@ -169,6 +169,54 @@ def test_evaluated_training_job(
     assert latest_best["sha256"] == best["sha256"]
 
 
+def test_final_only_and_unevaluable_runs(
+    client: TestClient, auth: dict[str, str], stack: Stack, worker: subprocess.Popen[bytes]
+) -> None:
+    dataset_id = upload_dataset(client, auth, count=2)
+    hp = {**FAST, "max_steps": 2, "checkpoint_every": 1}
+    # every: false evaluates the final weights only.
+    final_only = submit(
+        client,
+        auth,
+        dataset_id=dataset_id,
+        adapter_name="evfinal",
+        hyperparameters=hp,
+        evaluation={**EVALUATION, "every": False, "metrics": ["clip_score"], "select": {}},
+    )
+    done = wait_status(client, auth, final_only["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done["error"]
+    assert sorted(evaluations(client, auth, final_only["id"])) == [2]
+    assert done["result"]["evaluation"]["best_step"] == 2
+    checkpoints = client.get(f"/jobs/{final_only['id']}/checkpoints", headers=auth).json()
+    assert all("evaluation" not in c["metrics"] for c in checkpoints["data"])
+    latest = client.get("/adapters/evfinal/versions/latest", headers=auth).json()
+    assert latest["aliases"] == ["best", "latest"]
+    assert set(latest["metrics"]["evaluation"]) == {
+        "clip_score",
+        "clip_score_base",
+        "clip_score_gain",
+    }
+
+    # A rank over the inference engine's slots cannot be evaluated: the run still trains and
+    # publishes, with a warning per step and no `best`.
+    too_big = submit(
+        client,
+        auth,
+        dataset_id=dataset_id,
+        adapter_name="evbig",
+        hyperparameters={**hp, "rank": stack.settings.inference_max_rank + 1},
+        evaluation=EVALUATION,
+    )
+    done = wait_status(client, auth, too_big["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done["error"]
+    assert "evaluation" not in done["result"]
+    warnings = [e["data"] for e in events(client, auth, too_big["id"]) if e["level"] == "warning"]
+    assert [w["step"] for w in warnings] == [1, 2, 2]
+    assert all(w["message"].startswith("evaluation skipped") for w in warnings)
+    adapter = client.get("/adapters/evbig", headers=auth).json()
+    assert "best" not in adapter["aliases"] and adapter["aliases"]["latest"] == 1
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

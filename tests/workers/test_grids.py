@@ -149,6 +149,8 @@ def test_grid_refusals(client: TestClient, auth: dict[str, str]) -> None:
             "limit_exceeded",
         ),
         ({"prompt": "p", "x": {"axis": "adapter", "values": ["nope"]}}, 422, "adapter_not_found"),
+        ({"prompt": "p", "x": {"axis": "seed", "values": [2**63]}}, 422, "validation_error"),
+        ({"prompt": "p" * 2001, "x": axis}, 422, "limit_exceeded"),
     ]
     for body, status, code in cases:
         assert_problem(client.post("/grids", headers=auth, json=body), status, code)
