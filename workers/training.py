@@ -29,6 +29,7 @@ from service.models import (
     Job,
     JobKind,
     JobStatus,
+    VersionSource,
 )
 from service.publishing import StoredFile, publish_job_version, store_job_weights
 from service.registry import get_or_create_adapter, move_alias
@@ -439,7 +440,7 @@ def _publish(
         best_version = version
     else:
         if best_step != outcome.final_step:
-            best_version = publish_job_version(
+            best_version = _promoted_checkpoint(session, job, best_step) or publish_job_version(
                 session,
                 rt.settings,
                 job=job,
@@ -473,6 +474,20 @@ def _publish(
         actor=f"job:{job.id}",
     )
     return _Published(version=version, best=best_version)
+
+
+def _promoted_checkpoint(session: Session, job: LeasedJob, step: int) -> AdapterVersion | None:
+    """The version an earlier promotion of this checkpoint made (POST .../promote), if any."""
+    for candidate in session.scalars(
+        select(AdapterVersion).where(
+            AdapterVersion.tenant_id == job.tenant_id,
+            AdapterVersion.source == VersionSource.CHECKPOINT.value,
+            AdapterVersion.checkpoint_step == step,
+        )
+    ):
+        if candidate.lineage.get("job_id") == job.id:
+            return candidate
+    return None
 
 
 def _evaluation_metrics(record: dict[str, Any]) -> dict[str, Any]:

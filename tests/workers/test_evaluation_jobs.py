@@ -102,6 +102,10 @@ def test_evaluated_training_job(
     assert best["source"] == "checkpoint" and best["checkpoint_step"] == best_step
     assert best["version"] < latest["version"] and best["sha256"] != latest["sha256"]
     assert best["metrics"]["evaluation_step"] == best_step
+    # The best checkpoint's version is the one a promotion of that checkpoint gives.
+    promoted = client.post(f"/jobs/{job['id']}/checkpoints/{best_step}/promote", headers=auth)
+    assert promoted.status_code == 200, promoted.text
+    assert promoted.json()["version"] == best["version"]
 
     # A figure computed here from the stored images equals the stored one: the strength at
     # step 4 is the mean DINO cosine distance of the target prompt's base and LoRA images.
