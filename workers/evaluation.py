@@ -154,9 +154,7 @@ class JobEvaluation:
         except EvaluationUnavailable as exc:
             self._warn(step, str(exc))
 
-    def _evaluate(
-        self, *, step: int, weights: Path, key: str, checkpoint: bool
-    ) -> dict[str, Any] | None:
+    def _evaluate(self, *, step: int, weights: Path, key: str, checkpoint: bool) -> dict[str, Any]:
         from workers.engine.inference.generation import AdapterRef
         from workers.engine.inference.lora_file import AdapterFormatError
 
