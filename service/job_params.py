@@ -39,6 +39,9 @@ class TrainParams(_Params):
 
     hyperparameters: dict[str, Any]
     dataset_sha256: str | None = None
+    # The peak memory of the plan the API admitted the run by; None when it could not plan
+    # (then the worker plans the run itself before it trains).
+    planned_peak_memory_bytes: int | None = None
 
     @property
     def rank(self) -> int | None:

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
@@ -28,6 +28,9 @@ from workers.engine.training.callbacks import (
     ValidationImage,
 )
 from workers.runtime import WorkerRuntime
+
+if TYPE_CHECKING:
+    from workers.engine.training.config import TrainConfig
 
 log = logging.getLogger("lorastack.worker")
 
@@ -274,16 +277,39 @@ def _inputs(rt: WorkerRuntime, job: LeasedJob) -> _Inputs:
     return _Inputs(items=items, pipeline_dir=folder if folder is not None else Path(source))
 
 
+def _admit_here(rt: WorkerRuntime, inputs: _Inputs, config: TrainConfig) -> None:
+    """The API admitted this run without a plan (no planner there): plan it here, and refuse
+    it before it trains when its peak memory is over this worker's."""
+    from workers.engine.training.plan import plan_training
+
+    if not rt.settings.train_admission or not inputs.pipeline_dir.is_dir():
+        return
+    plan = plan_training(
+        pipeline_dir_or_config=inputs.pipeline_dir, config=config, num_items=len(inputs.items)
+    )
+    limit = rt.settings.train_max_memory_bytes or rt.info.get("memory_bytes")
+    if isinstance(limit, int) and plan.memory.total > limit:
+        raise JobFailure(
+            "plan_over_memory",
+            f"the plan's peak memory {plan.memory.total} bytes is over this worker's {limit}: "
+            "lower the resolution, batch size or rank, or turn on gradient checkpointing",
+        )
+
+
 def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
     from workers.engine.training.config import TrainConfig
     from workers.engine.training.trainer import train_lora
 
     inputs = _inputs(rt, job)
+    params = TrainParams.model_validate(job.params)
+    config = TrainConfig.from_dict(params.hyperparameters)
+    if params.planned_peak_memory_bytes is None:
+        _admit_here(rt, inputs, config)
     callbacks = SqlCallbacks(rt, job_id=job.id, tenant_id=job.tenant_id)
     result = train_lora(
         pipeline_dir=inputs.pipeline_dir,
         items=inputs.items,
-        config=TrainConfig.from_dict(TrainParams.model_validate(job.params).hyperparameters),
+        config=config,
         output_dir=rt.store.path(f"jobs/{job.id}"),
         callbacks=callbacks,
         device=rt.info.get("device"),

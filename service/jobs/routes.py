@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
@@ -86,16 +87,26 @@ async def create_job_route(
         )
 
     dataset, base_model, source = await run_in_threadpool(validate)
-    if body.dry_run or settings.train_max_memory_bytes or settings.train_max_duration_s:
-        plan = await run_in_threadpool(
-            lambda: training.plan_training(
-                body=body, dataset=dataset, base_model=base_model, source=source
-            )
-        )
-        if body.dry_run:
-            response.status_code = 200
-            return plan
-        training.admit_by_plan(plan, settings=settings)
+    planning = functools.partial(
+        training.plan_training,
+        settings=settings,
+        body=body,
+        dataset=dataset,
+        base_model=base_model,
+        source=source,
+    )
+    if body.dry_run:
+        response.status_code = 200
+        return await run_in_threadpool(planning)
+
+    def admit() -> TrainingPlanOut | None:
+        plan = training.plan_for_admission(settings, planning)
+        if plan is not None:
+            limit = training.training_memory_limit(uow.session, settings)
+            training.admit_by_plan(plan, settings=settings, memory_limit=limit)
+        return plan
+
+    plan = await run_in_threadpool(admit)
 
     def create() -> tuple[JobOut, bool]:
         job_id, created = create_once(
@@ -112,6 +123,7 @@ async def create_job_route(
                     body=body,
                     dataset=dataset,
                     base_model=base_model,
+                    plan=plan,
                 ).id
             ),
         )
