@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -194,9 +194,21 @@ def job_events_route(
         int, Query(ge=0, le=SQL_INT_MAX, description="return events with seq > after")
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    last_event_id: Annotated[
+        int | None,
+        Header(
+            alias="Last-Event-ID",
+            ge=0,
+            le=SQL_INT_MAX,
+            description="SSE reconnection: stream events with seq > this (overrides `after`)",
+        ),
+    ] = None,
 ) -> JobEventList | StreamingResponse:
     job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
+        # An EventSource that reconnects sends the id of the last event it received.
+        if last_event_id is not None:
+            after = last_event_id
         factory = request.app.state.session_factory
         return StreamingResponse(
             _stream_events(factory, job_id=job.id, after=after, request=request),
