@@ -156,10 +156,13 @@ class Settings(BaseSettings):
     openai_wait_s: float = Field(default=120.0, gt=0)
     openai_retry_window_s: float = Field(default=900.0, gt=0)
 
-    # Training admission by the dry-run plan (unset = not checked): the memory a training
-    # worker has, and the longest estimated run accepted.
+    # Training admission by the dry-run plan, run for every POST /jobs by a resident planner:
+    # a run whose plan needs more memory than the largest live training worker reports (or
+    # train_max_memory_bytes, when set) or longer than train_max_duration_s is refused.
+    train_admission: bool = True
     train_max_memory_bytes: int | None = Field(default=None, gt=0)
-    train_max_duration_s: float | None = Field(default=None, gt=0)
+    train_max_duration_s: float | None = Field(default=72 * 3600.0, gt=0)
+    train_planner_timeout_s: float = Field(default=120.0, gt=0)
 
     # Inference engine in each worker (adapter slots and cache tiers).
     inference_max_rank: int = 64

@@ -23,17 +23,20 @@ queue holds fewer messages than there are jobs queued longer than a grace period
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import utcnow
 from service.errors import TooManyRequests
 from service.lifecycle import JOB_TABLE, RUNNING_STATES
-from service.models import JobStatus
+from service.models import JobStatus, Tenant
 
 _job = JOB_TABLE.c
+TENANT_TABLE = cast(Table, Tenant.__table__)
+_tenant = TENANT_TABLE.c
 _QUEUED = JobStatus.QUEUED.value
 
 
@@ -69,12 +72,18 @@ def next_fair_job(
             return None
     last_start: dict[str, datetime] = {}
     if len(tenants) > 1:
+        # One index probe per tenant (ix_job_tenant_id_kind_started_at), not a scan of every
+        # job the tenant ever ran: a correlated max() per candidate tenant row.
+        last = (
+            select(func.max(_job.started_at))
+            .where(_job.tenant_id == _tenant.id, _job.kind == kind)
+            .correlate(TENANT_TABLE)
+            .scalar_subquery()
+        )
         last_start = {
             tenant: started
             for tenant, started in session.execute(
-                select(_job.tenant_id, func.max(_job.started_at))
-                .where(_job.kind == kind, _job.tenant_id.in_(tenants))
-                .group_by(_job.tenant_id)
+                select(_tenant.id, last).where(_tenant.id.in_(tenants))
             )
             if started is not None
         }

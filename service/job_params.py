@@ -42,6 +42,9 @@ class TrainParams(_Params):
     dataset_sha256: str | None = None
     evaluation: dict[str, Any] | None = None
     publish: str = "final"  # "final" or "best" (the best checkpoint by evaluation.select)
+    # The peak memory of the plan the API admitted the run by; None when it could not plan
+    # (then the worker plans the run itself before it trains).
+    planned_peak_memory_bytes: int | None = None
 
     @property
     def rank(self) -> int | None:

@@ -111,6 +111,8 @@ class Job(Base):
         Index("ix_job_status_queued_at", "status", "queued_at"),
         # Quota counts (queued per tenant and kind) and the fair lease read by these three.
         Index("ix_job_tenant_id_kind_status", "tenant_id", "kind", "status"),
+        # The fair lease's "last start per tenant": one index probe per tenant.
+        Index("ix_job_tenant_id_kind_started_at", "tenant_id", "kind", "started_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))

@@ -43,6 +43,7 @@ from workers.evaluation import EvaluationOutcome, JobEvaluation
 from workers.runtime import WorkerRuntime
 
 if TYPE_CHECKING:
+    from workers.engine.training.config import TrainConfig
     from workers.engine.training.lora import TrainableParams
 
 log = logging.getLogger("lorastack.worker")
@@ -305,12 +306,34 @@ def _inputs(rt: WorkerRuntime, job: LeasedJob) -> _Inputs:
     return _Inputs(items=items, pipeline_dir=folder if folder is not None else Path(source))
 
 
+def _admit_here(rt: WorkerRuntime, inputs: _Inputs, config: TrainConfig) -> None:
+    """The API admitted this run without a plan (no planner there): plan it here, and refuse
+    it before it trains when its peak memory is over this worker's."""
+    from workers.engine.training.plan import plan_training
+
+    if not rt.settings.train_admission or not inputs.pipeline_dir.is_dir():
+        return
+    plan = plan_training(
+        pipeline_dir_or_config=inputs.pipeline_dir, config=config, num_items=len(inputs.items)
+    )
+    limit = rt.settings.train_max_memory_bytes or rt.info.get("memory_bytes")
+    if isinstance(limit, int) and plan.memory.total > limit:
+        raise JobFailure(
+            "plan_over_memory",
+            f"the plan's peak memory {plan.memory.total} bytes is over this worker's {limit}: "
+            "lower the resolution, batch size or rank, or turn on gradient checkpointing",
+        )
+
+
 def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
     from workers.engine.training.config import TrainConfig
     from workers.engine.training.trainer import train_lora
 
     inputs = _inputs(rt, job)
     params = TrainParams.model_validate(job.params)
+    config = TrainConfig.from_dict(params.hyperparameters)
+    if params.planned_peak_memory_bytes is None:
+        _admit_here(rt, inputs, config)
     evaluation = (
         JobEvaluation(rt, job, training_images=[item.image_path for item in inputs.items])
         if params.evaluation
@@ -320,7 +343,7 @@ def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
     result = train_lora(
         pipeline_dir=inputs.pipeline_dir,
         items=inputs.items,
-        config=TrainConfig.from_dict(params.hyperparameters),
+        config=config,
         output_dir=rt.store.path(f"jobs/{job.id}"),
         callbacks=callbacks,
         device=rt.info.get("device"),
