@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 from typing import Any
@@ -14,8 +15,8 @@ from sqlalchemy.orm import Session
 from service.config import Settings
 from service.errors import NotFound, field_error
 from service.experiments.schemas import ExperimentCreate, ExperimentOut, ExperimentRun
-from service.jobs.training import create_training_job, validate_training_request
-from service.jobs.training_schemas import Hyperparameters, TrainJobCreate
+from service.jobs import training
+from service.jobs.training_schemas import Hyperparameters, TrainingPlanOut, TrainJobCreate
 from service.models import ACTIVE_JOB_STATUSES, Experiment, Job, JobStatus
 
 # The order of the metric columns in tables and reports.
@@ -40,7 +41,8 @@ def combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def create_experiment(
     session: Session, *, settings: Settings, tenant_id: str, body: ExperimentCreate
 ) -> Experiment:
-    """Validate every run as a training request would be, then queue one job per run."""
+    """Validate and admit every run as ``POST /jobs`` would (its plan against the training
+    workers' memory and the longest run accepted), then queue one job per run."""
     runs = combinations(body.grid)
     if len(runs) > settings.experiment_max_runs:
         raise field_error(
@@ -50,8 +52,9 @@ def create_experiment(
             code="limit_exceeded",
         )
     base = body.hyperparameters.model_dump(exclude_unset=True)
-    requests: list[TrainJobCreate] = []
+    requests: list[tuple[TrainJobCreate, TrainingPlanOut | None]] = []
     base_model = ""
+    memory_limit = training.training_memory_limit(session, settings)
     for index, parameters in enumerate(runs, start=1):
         try:
             hyperparameters = Hyperparameters.model_validate({**base, **parameters})
@@ -71,10 +74,23 @@ def create_experiment(
             evaluation=body.evaluation,
             publish=body.publish,
         )
-        dataset, base_model, _ = validate_training_request(
+        dataset, base_model, source = training.validate_training_request(
             session, settings=settings, tenant_id=tenant_id, body=run
         )
-        requests.append(run)
+        plan = training.plan_for_admission(
+            settings,
+            functools.partial(
+                training.plan_training,
+                settings=settings,
+                body=run,
+                dataset=dataset,
+                base_model=base_model,
+                source=source,
+            ),
+        )
+        if plan is not None:
+            training.admit_by_plan(plan, settings=settings, memory_limit=memory_limit)
+        requests.append((run, plan))
     experiment = Experiment(
         tenant_id=tenant_id,
         dataset_id=body.dataset_id,
@@ -87,20 +103,21 @@ def create_experiment(
             "grid": body.grid,
             "runs": [
                 {"index": i, "adapter_name": r.adapter_name, "parameters": p}
-                for i, (r, p) in enumerate(zip(requests, runs, strict=True), start=1)
+                for i, ((r, _), p) in enumerate(zip(requests, runs, strict=True), start=1)
             ],
         },
     )
     session.add(experiment)
     session.flush()
-    for run in requests:
-        create_training_job(
+    for run, plan in requests:
+        training.create_training_job(
             session,
             settings=settings,
             tenant_id=tenant_id,
             body=run,
             dataset=dataset,
             base_model=base_model,
+            plan=plan,
             experiment_id=experiment.id,
         )
     return experiment

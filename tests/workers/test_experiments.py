@@ -19,6 +19,7 @@ from tests.conftest import REPO, Stack, upload_dataset, wait_for
 from tests.service.test_app import assert_problem
 from tests.workers.test_training_jobs import FAST
 
+MAXIMA = {"max_steps": 1_000_000, "resolution": 4096, "batch_size": 256}
 EVALUATION = {
     "prompts": ["a red square"],
     "control_prompts": ["a tree"],
@@ -99,7 +100,7 @@ def test_experiment_of_four_runs(
 
 
 def test_experiment_refusals(
-    client: TestClient, auth: dict[str, str], other_auth: dict[str, str], stack: Stack
+    client: TestClient, auth: dict[str, str], stack: Stack, worker: subprocess.Popen[bytes]
 ) -> None:
     dataset_id = upload_dataset(client, auth, count=2)
     base = {"dataset_id": dataset_id, "adapter_name": "bad"}
@@ -110,6 +111,11 @@ def test_experiment_refusals(
         ({**base, "grid": {"rank": [4, 0]}}, "validation_error"),
         ({**base, "grid": {"rank": list(range(1, 18))}}, "limit_exceeded"),
         ({**base, "dataset_id": "ds_nope", "grid": {"rank": [4]}}, "dataset_not_found"),
+        # Every run is admitted by its plan, as POST /jobs admits one.
+        (
+            {**base, "hyperparameters": MAXIMA, "grid": {"rank": [4, 1024]}},
+            "plan_over_memory",
+        ),
     ]
     for body, code in cases:
         problem = assert_problem(client.post("/experiments", headers=auth, json=body), 422, code)
