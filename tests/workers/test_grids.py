@@ -132,6 +132,33 @@ def test_grid_job_of_weights_by_prompts_polled(
     assert np.abs(weightless - pixels(client, auth, base["cells"][0][0]["image_id"])).max() <= 2
 
 
+def test_a_running_grid_job_cancels(
+    client: TestClient, auth: dict[str, str], worker: subprocess.Popen[bytes]
+) -> None:
+    body = {
+        "prompt": "a red square",
+        "num_inference_steps": 100,
+        "x": {"axis": "seed", "values": list(range(8))},
+        "y": {"axis": "prompt", "values": [f"prompt {i}" for i in range(8)]},
+    }
+    job = client.post("/grids", headers=auth, json=body).json()
+
+    def status() -> str | None:
+        value: str = client.get(f"/jobs/{job['id']}", headers=auth).json()["status"]
+        return value if value != "queued" else None
+
+    assert wait_for(status, timeout=60, what="the grid job to start", interval=0.05) == "running"
+    assert client.post(f"/jobs/{job['id']}/cancel", headers=auth).status_code == 200
+
+    def ended() -> dict[str, Any] | None:
+        row: dict[str, Any] = client.get(f"/jobs/{job['id']}", headers=auth).json()
+        return row if row["status"] in ("cancelled", "succeeded", "failed") else None
+
+    assert wait_for(ended, timeout=30, what="the grid job to stop", interval=0.1)["status"] == (
+        "cancelled"
+    )
+
+
 def test_grid_refusals(client: TestClient, auth: dict[str, str]) -> None:
     axis = {"axis": "seed", "values": [1, 2]}
     cases = [
