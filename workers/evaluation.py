@@ -256,7 +256,11 @@ class JobEvaluation:
                     )
                 )
                 if row is not None:
-                    row.metrics = {**row.metrics, "evaluation": result.metrics}
+                    row.metrics = {
+                        **row.metrics,
+                        "evaluation": result.metrics,
+                        "evaluation_per_prompt": result.per_prompt,
+                    }
             lifecycle.add_event(session, job_id=self.job.id, type="metrics", data=data)
         return data
 

@@ -85,6 +85,7 @@ def test_evaluated_training_job(
     assert [c["step"] for c in kept] == [4, 6]
     for row in kept:
         assert row["metrics"]["evaluation"] == records[row["step"]]["evaluation"]
+        assert row["metrics"]["evaluation_per_prompt"] == records[row["step"]]["per_prompt"]
 
     # The best step by strength (min) gets `best`; `latest` stays on the final weights.
     strength = {step: r["evaluation"]["strength"] for step, r in records.items()}
