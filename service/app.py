@@ -19,6 +19,8 @@ from service.console.routes import install_console
 from service.datasets.routes import router as datasets_router
 from service.datasets.service import sweep_ingest_leftovers
 from service.db import make_engine, make_session_factory
+from service.experiments.routes import router as experiments_router
+from service.generation.grid_routes import router as grids_router
 from service.generation.routes import router as generation_router
 from service.health.routes import router as health_router
 from service.jobs.routes import router as jobs_router
@@ -99,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(datasets_router)
     app.include_router(generation_router)
+    app.include_router(grids_router)
+    app.include_router(experiments_router)
     app.include_router(adapters_router)
     install_console(app)
     return app

@@ -153,15 +153,21 @@ class Settings(BaseSettings):
     # for more jobs when the batch is not full (0: take what is queued now).
     generate_batch_max: int = Field(default=8, ge=1)
     generate_batch_wait_s: float = Field(default=0.0, ge=0, le=10)
+    # POST /grids: cells (rows x columns) of one grid; a grid job counts as generation work
+    # for the tenant quotas.
+    grid_max_cells: int = Field(default=64, ge=1)
     # The OpenAI route answers within this (well under the SDK's 600 s timeout); an SDK retry
     # of the same request within openai_retry_window_s attaches to the first request's job.
     openai_wait_s: float = Field(default=120.0, gt=0)
     openai_retry_window_s: float = Field(default=900.0, gt=0)
 
-    # Training admission by the dry-run plan (unset = not checked): the memory a training
-    # worker has, and the longest estimated run accepted.
+    # Training admission by the dry-run plan, run for every POST /jobs by a resident planner:
+    # a run whose plan needs more memory than the largest live training worker reports (or
+    # train_max_memory_bytes, when set) or longer than train_max_duration_s is refused.
+    train_admission: bool = True
     train_max_memory_bytes: int | None = Field(default=None, gt=0)
-    train_max_duration_s: float | None = Field(default=None, gt=0)
+    train_max_duration_s: float | None = Field(default=72 * 3600.0, gt=0)
+    train_planner_timeout_s: float = Field(default=120.0, gt=0)
 
     # Inference engine in each worker (adapter slots and cache tiers).
     inference_max_rank: int = 64
@@ -172,6 +178,23 @@ class Settings(BaseSettings):
     inference_cpu_cache_bytes: int = 2 * 1024**3
     inference_disk_cache_bytes: int = 20 * 1024**3
     inference_dtype: str = Field(default="auto", description="auto | fp32 | fp16 | bf16")
+
+    # Evaluation of training runs (docs/evaluation.md): evaluator models by name (clip, dino)
+    # -> hub id or local folder; unset = tiny random ones built in the data dir.
+    evaluator_models: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description='JSON object {"clip": ..., "dino": ...}: hub ids or local folders',
+    )
+    experiment_max_runs: int = Field(
+        default=16, ge=1, description="training runs one experiment may queue"
+    )
+    eval_batch_size: int = Field(default=8, ge=1, description="images per evaluation call")
+    eval_cmmd_min_images: int = Field(
+        default=4, ge=2, description="training images needed before CMMD is reported"
+    )
+    eval_max_reference_images: int = Field(
+        default=64, ge=1, description="training images embedded for fidelity and CMMD"
+    )
 
     # Limits.
     max_upload_bytes: int = Field(
@@ -188,7 +211,7 @@ class Settings(BaseSettings):
     )
     page_limit_max: int = 200
 
-    @field_validator("base_models", mode="before")
+    @field_validator("base_models", "evaluator_models", mode="before")
     @classmethod
     def _parse_base_models(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -231,16 +254,23 @@ class Settings(BaseSettings):
         """The engine's slot pool size: enough for any one request's adapters."""
         return max(self.inference_slots, self.generate_max_adapters)
 
+    @staticmethod
+    def quota_kind(kind: str) -> str:
+        """The job kind whose quota settings a kind counts against (a grid is generation)."""
+        return "generate" if kind == "grid" else kind
+
     def tenant_max_queued(self, kind: str) -> int | None:
         return {
             "train": self.tenant_max_queued_train,
             "generate": self.tenant_max_queued_generate,
+            "grid": self.tenant_max_queued_generate,
         }.get(kind)
 
     def tenant_max_running(self, kind: str) -> int | None:
         return {
             "train": self.tenant_max_running_train,
             "generate": self.tenant_max_running_generate,
+            "grid": self.tenant_max_running_generate,
         }.get(kind)
 
     @property
@@ -285,6 +315,17 @@ class Settings(BaseSettings):
         if self.base_models:
             return dict(self.base_models)
         return {TINY_MODEL_NAME: str(self.tiny_model_dir)}
+
+    @property
+    def tiny_evaluators_dir(self) -> Path:
+        return (self.data_dir / "models" / "evaluators").resolve()
+
+    @property
+    def evaluator_sources(self) -> dict[str, str]:
+        """Configured evaluator models; with none configured, the tiny ones in the data dir."""
+        if self.evaluator_models:
+            return dict(self.evaluator_models)
+        return {name: str(self.tiny_evaluators_dir / name) for name in ("clip", "dino")}
 
     @property
     def default_base_model(self) -> str:

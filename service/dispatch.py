@@ -34,17 +34,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import utcnow
 from service.errors import TooManyRequests
 from service.lifecycle import JOB_TABLE, RUNNING_STATES
-from service.models import JobStatus
+from service.models import JobStatus, Tenant
 
 _job = JOB_TABLE.c
+TENANT_TABLE = cast(Table, Tenant.__table__)
+_tenant = TENANT_TABLE.c
 _QUEUED = JobStatus.QUEUED.value
 
 
@@ -73,12 +76,18 @@ def next_fair_job(
             return None
     last_start: dict[str, datetime] = {}
     if len(tenants) > 1:
+        # One index probe per tenant (ix_job_tenant_id_kind_started_at), not a scan of every
+        # job the tenant ever ran: a correlated max() per candidate tenant row.
+        last = (
+            select(func.max(_job.started_at))
+            .where(_job.tenant_id == _tenant.id, _job.kind == kind)
+            .correlate(TENANT_TABLE)
+            .scalar_subquery()
+        )
         last_start = {
             tenant: started
             for tenant, started in session.execute(
-                select(_job.tenant_id, func.max(_job.started_at))
-                .where(_job.kind == kind, _job.tenant_id.in_(tenants))
-                .group_by(_job.tenant_id)
+                select(_tenant.id, last).where(_tenant.id.in_(tenants))
             )
             if started is not None
         }
@@ -177,7 +186,7 @@ def check_queued_quota(session: Session, *, settings: Settings, tenant_id: str, 
         .where(_job.tenant_id == tenant_id, _job.kind == kind, _job.status == _QUEUED)
     )
     if int(queued or 0) >= limit:
-        setting = f"LORASTACK_TENANT_MAX_QUEUED_{kind.upper()}"
+        setting = f"LORASTACK_TENANT_MAX_QUEUED_{settings.quota_kind(kind).upper()}"
         raise TooManyRequests(
             f"{queued} {kind} jobs are already queued for this tenant, the limit is {limit} "
             f"({setting}); retry when some have started",

@@ -36,10 +36,16 @@ def unet_targets(target_modules: str | list[str] | tuple[str, ...]) -> tuple[str
 
 
 class TrainParams(_Params):
-    """A training job: every hyperparameter resolved, and the dataset's content hash."""
+    """A training job: every hyperparameter resolved, the dataset's content hash, and the
+    evaluation asked for (``service/jobs/training_schemas.py: Evaluation``, defaults filled)."""
 
     hyperparameters: dict[str, Any]
     dataset_sha256: str | None = None
+    evaluation: dict[str, Any] | None = None
+    publish: str = "final"  # "final" or "best" (the best checkpoint by evaluation.select)
+    # The peak memory of the plan the API admitted the run by; None when it could not plan
+    # (then the worker plans the run itself before it trains).
+    planned_peak_memory_bytes: int | None = None
 
     @property
     def rank(self) -> int | None:
@@ -75,15 +81,19 @@ class GenerationSpec(_Params):
 
 
 class AdapterUse(_Params):
-    """One adapter of a generation, resolved to the version (and file) it names now."""
+    """One adapter of a generation, resolved to the version (and file) it names now; for a
+    checkpoint ref, to the training checkpoint (``version`` None, ``version_id`` standing for
+    ``<job id>@ckpt:<step>``)."""
 
     ref: str
     name: str
-    version: int
+    version: int | None
     version_id: str
     storage_key: str
     sha256: str
     weight: float
+    job_id: str | None = None
+    checkpoint_step: int | None = None
 
 
 # The settings that make two generations share one pipeline call. Adapters are not among them:
@@ -126,3 +136,31 @@ class GenerateParams(_Params):
     def adapter_files(self) -> frozenset[str]:
         """The adapter files the job needs in slots (equal files share one)."""
         return frozenset(a.storage_key for a in self.adapters)
+
+
+class GridCell(_Params):
+    """One cell of a grid: what it renders."""
+
+    prompt: str
+    seed: int
+    adapters: list[AdapterUse]
+
+
+class GridParams(_Params):
+    """A grid job: the settings every cell shares, the axis labels and the cells (rows of
+    columns), each resolved to the adapter versions it names now."""
+
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+    x_axis: str
+    y_axis: str | None
+    columns: list[str]
+    rows: list[str]
+    cells: list[list[GridCell]]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -54,6 +54,7 @@ def create_job(
     base_model: str | None = None,
     adapter_name: str | None = None,
     job_id: str | None = None,
+    experiment_id: str | None = None,
 ) -> Job:
     """Insert a queued job and its first event; returns the job, persistent in ``session``.
     Its task is sent when the session commits.
@@ -87,6 +88,7 @@ def create_job(
         started_at=None,
         finished_at=None,
         cancel_requested_at=None,
+        experiment_id=experiment_id,
     )
     session.flush()  # a Core statement doesn't autoflush: rows it refers to go in first
     # Columns left out are SQL NULL (a JSON column given None would hold JSON null).

@@ -41,6 +41,7 @@ class JobKind(enum.StrEnum):
     TRAIN = "train"
     GENERATE = "generate"
     PING = "ping"
+    GRID = "grid"
 
 
 class DatasetStatus(enum.StrEnum):
@@ -110,6 +111,8 @@ class Job(Base):
         Index("ix_job_status_queued_at", "status", "queued_at"),
         # Quota counts (queued per tenant and kind) and the fair lease read by these three.
         Index("ix_job_tenant_id_kind_status", "tenant_id", "kind", "status"),
+        # The fair lease's "last start per tenant": one index probe per tenant.
+        Index("ix_job_tenant_id_kind_started_at", "tenant_id", "kind", "started_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -138,6 +141,25 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     cancel_requested_at: Mapped[datetime | None]
+    # The experiment this training job is a run of, if any.
+    experiment_id: Mapped[str | None] = mapped_column(
+        ForeignKey("experiment.id", ondelete="SET NULL"), index=True
+    )
+
+
+class Experiment(Base):
+    """A grid of training runs over hyperparameters; its runs are training jobs
+    (``job.experiment_id``). ``params`` is the request with its defaults filled in."""
+
+    __tablename__ = "experiment"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("exp"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("dataset.id", ondelete="SET NULL"))
+    base_model: Mapped[str] = mapped_column(String(200))
+    adapter_prefix: Mapped[str] = mapped_column(String(200))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class JobEvent(Base):

@@ -24,12 +24,14 @@ QUEUES = (TRAIN_QUEUE, GENERATE_QUEUE)
 TASK_PING = "lorastack.ping"
 TASK_TRAIN = "lorastack.train"
 TASK_GENERATE = "lorastack.generate"
+TASK_GRID = "lorastack.grid"
 
 # Which task runs a job of each kind: a new kind is a new entry here.
 TASK_FOR_KIND: dict[str, str] = {
     JobKind.TRAIN.value: TASK_TRAIN,
     JobKind.GENERATE.value: TASK_GENERATE,
     JobKind.PING.value: TASK_PING,
+    JobKind.GRID.value: TASK_GRID,
 }
 
 log = logging.getLogger("lorastack.queue")

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ("lorafile", "service", "workers", "lorastack")
 # Service domains, lowest first: a domain may import the kernel and the domains before it.
-DOMAINS = ("datasets", "jobs", "adapters", "generation", "health")
+DOMAINS = ("datasets", "jobs", "adapters", "generation", "experiments", "health")
 SERVICE_APP = {"service.app", "service.openapi"}
 # Kernel modules that speak HTTP: the domains use them, processes without HTTP must not.
 SERVICE_HTTP = {"service.deps", "service.problems", "service.body_limit", "service.strict_input"}

@@ -26,6 +26,7 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
             "device": device.device,
             "device_name": device.name,
             "mixed_precision": list(device.mixed_precision),
+            "memory_bytes": device.memory_bytes,
         }
     )
     if sender is not None:

@@ -1,13 +1,39 @@
-"""Plan a training run from a JSON request (`lorastack plan`, which the API's dry run runs).
+"""Plan a training run from a JSON request (`lorastack plan`; the API keeps one resident
+`lorastack plan --serve` to plan every `POST /jobs`).
 
 Input: {"pipeline_dir": str, "hyperparameters": {...}, "num_items": int}. Output:
-{"plan": {...}} or {"error": {"field": str, "message": str}}.
+{"plan": {...}} or {"error": {"field": str, "message": str}}; in serve mode a request that
+fails otherwise answers {"failed": str} and the loop goes on.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+
+def serve(requests: IO[str], answers: IO[str]) -> None:
+    """Answer one JSON request per line until ``requests`` ends (the API closed the pipe)."""
+    for line in requests:
+        if not line.strip():
+            continue
+        try:
+            answer = plan_from_request(json.loads(line))
+        except Exception as exc:  # one bad request must not end the resident planner
+            answer = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
+def serve_stdio() -> None:
+    """``serve`` on stdin/stdout, with anything a library prints moved to stderr so that
+    stdout carries answers only."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin, answers)
 
 
 def plan_from_request(request: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import socket
 from service import lifecycle
 from service.db import transaction
 from service.models import JobStatus
-from service.queue import TASK_GENERATE, TASK_PING, TASK_TRAIN
+from service.queue import TASK_GENERATE, TASK_GRID, TASK_PING, TASK_TRAIN
 from workers.celery_app import app
 from workers.runtime import get_runtime
 
@@ -49,3 +49,11 @@ def generate(job_id: str) -> None:
     from workers.generation import run_generation_job
 
     run_generation_job(get_runtime(), job_id)
+
+
+@app.task(name=TASK_GRID)
+def grid(job_id: str) -> None:
+    """Render a labeled grid for the job on the warm base model."""
+    from workers.grids import run_grid_job
+
+    run_grid_job(get_runtime(), job_id)

@@ -9,9 +9,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from service import lifecycle
 from service.base_models import local_folder
@@ -19,18 +20,37 @@ from service.db import transaction, utcnow
 from service.errors import ServiceError
 from service.job_params import TrainParams
 from service.lifecycle import LeasedJob
-from service.models import Checkpoint, Dataset, DatasetStatus, Image, Job, JobKind, JobStatus
-from service.publishing import publish_job_version, store_job_weights
+from service.models import (
+    AdapterVersion,
+    Checkpoint,
+    Dataset,
+    DatasetStatus,
+    Image,
+    Job,
+    JobKind,
+    JobStatus,
+    VersionSource,
+)
+from service.publishing import StoredFile, publish_job_version, store_job_weights
+from service.registry import get_or_create_adapter, move_alias
 from workers.engine.training.callbacks import (
     CheckpointInfo,
     NullCallbacks,
     StepProgress,
     ValidationImage,
 )
+from workers.evaluation import EvaluationOutcome, JobEvaluation
 from workers.runtime import WorkerRuntime
+
+if TYPE_CHECKING:
+    from workers.engine.training.config import TrainConfig
+    from workers.engine.training.lora import TrainableParams
 
 log = logging.getLogger("lorastack.worker")
 
+# The trainer's checkpoint file name (workers/engine/training/lora.py: ADAPTER_WEIGHT_NAME).
+CHECKPOINT_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+BEST_ALIAS = "best"
 PROGRESS_INTERVAL_S = 1.0
 METRICS_EVERY_STEPS = 10
 METRICS_INTERVAL_S = 10.0
@@ -52,10 +72,18 @@ class LeaseLost(Exception):
 class SqlCallbacks(NullCallbacks):
     """The trainer's reports, turned into throttled progress updates and job events."""
 
-    def __init__(self, rt: WorkerRuntime, *, job_id: str, tenant_id: str) -> None:
+    def __init__(
+        self,
+        rt: WorkerRuntime,
+        *,
+        job_id: str,
+        tenant_id: str,
+        evaluation: JobEvaluation | None = None,
+    ) -> None:
         self.rt = rt
         self.job_id = job_id
         self.tenant_id = tenant_id
+        self.evaluation = evaluation
         self._last_progress = 0.0
         self._last_metrics = 0.0
         self.last: StepProgress | None = None
@@ -120,6 +148,10 @@ class SqlCallbacks(NullCallbacks):
                 job_id=self.job_id,
                 type="checkpoint",
                 data={"step": checkpoint.step, "loss": checkpoint.loss},
+            )
+        if self.evaluation is not None and self.evaluation.every:
+            self.evaluation.evaluate_checkpoint(
+                checkpoint.step, checkpoint.path / CHECKPOINT_WEIGHTS_NAME
             )
 
     def on_validation(self, step: int, images: list[ValidationImage]) -> None:
@@ -274,16 +306,44 @@ def _inputs(rt: WorkerRuntime, job: LeasedJob) -> _Inputs:
     return _Inputs(items=items, pipeline_dir=folder if folder is not None else Path(source))
 
 
+def _admit_here(rt: WorkerRuntime, inputs: _Inputs, config: TrainConfig) -> None:
+    """The API admitted this run without a plan (no planner there): plan it here, and refuse
+    it before it trains when its peak memory is over this worker's."""
+    from workers.engine.training.plan import plan_training
+
+    if not rt.settings.train_admission or not inputs.pipeline_dir.is_dir():
+        return
+    plan = plan_training(
+        pipeline_dir_or_config=inputs.pipeline_dir, config=config, num_items=len(inputs.items)
+    )
+    limit = rt.settings.train_max_memory_bytes or rt.info.get("memory_bytes")
+    if isinstance(limit, int) and plan.memory.total > limit:
+        raise JobFailure(
+            "plan_over_memory",
+            f"the plan's peak memory {plan.memory.total} bytes is over this worker's {limit}: "
+            "lower the resolution, batch size or rank, or turn on gradient checkpointing",
+        )
+
+
 def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
     from workers.engine.training.config import TrainConfig
     from workers.engine.training.trainer import train_lora
 
     inputs = _inputs(rt, job)
-    callbacks = SqlCallbacks(rt, job_id=job.id, tenant_id=job.tenant_id)
+    params = TrainParams.model_validate(job.params)
+    config = TrainConfig.from_dict(params.hyperparameters)
+    if params.planned_peak_memory_bytes is None:
+        _admit_here(rt, inputs, config)
+    evaluation = (
+        JobEvaluation(rt, job, training_images=[item.image_path for item in inputs.items])
+        if params.evaluation
+        else None
+    )
+    callbacks = SqlCallbacks(rt, job_id=job.id, tenant_id=job.tenant_id, evaluation=evaluation)
     result = train_lora(
         pipeline_dir=inputs.pipeline_dir,
         items=inputs.items,
-        config=TrainConfig.from_dict(TrainParams.model_validate(job.params).hyperparameters),
+        config=config,
         output_dir=rt.store.path(f"jobs/{job.id}"),
         callbacks=callbacks,
         device=rt.info.get("device"),
@@ -291,28 +351,38 @@ def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
     file = store_job_weights(
         rt.store, rt.settings, base_model=job.base_model or "", weights=result.adapter_path
     )
+    outcome = (
+        evaluation.conclude(final_step=result.steps, final_weights=result.adapter_path)
+        if evaluation is not None
+        else None
+    )
     with transaction(rt.session_factory) as session:
         started = session.scalar(select(Job.started_at).where(Job.id == job.id)) or utcnow()
-        metrics = {
+        metrics: dict[str, Any] = {
             "final_loss": result.final_loss,
             "steps": result.steps,
             "duration_s": round((utcnow() - started).total_seconds(), 3),
             "validation": callbacks.validation,
         }
-        version = publish_job_version(
+        published = _publish(
             session,
-            rt.settings,
-            job=job,
-            stored=file.stored,
-            trainable_params=result.trainable_params.total,
+            rt,
+            job,
+            outcome,
+            publish=params.publish,
+            final=file,
             metrics=metrics,
-            lineage={
-                "trainable_params": {
-                    "unet": result.trainable_params.unet,
-                    "text_encoder": result.trainable_params.text_encoder,
-                },
-            },
+            trainable_params=result.trainable_params,
         )
+        version = published.version
+        evaluation_result: dict[str, Any] = {}
+        if outcome is not None:
+            evaluation_result = {
+                "evaluation": {
+                    **outcome.summary(),
+                    "best_version": published.best.version if published.best else None,
+                }
+            }
         done = lifecycle.finish_job(
             session,
             job_id=job.id,
@@ -322,13 +392,132 @@ def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
                 "adapter_name": job.adapter_name,
                 "version": version.version,
                 "adapter_version_id": version.id,
-                "sha256": file.stored.sha256,
-                "size_bytes": file.stored.size,
+                "sha256": version.sha256,
+                "size_bytes": version.size_bytes,
                 "trainable_params": result.trainable_params.total,
                 "resumed_from_step": result.resumed_from_step,
                 **metrics,
+                **evaluation_result,
             },
         )
         if not done:
             # Our lease was lost meanwhile: roll back, the new owner publishes.
             raise LeaseLost(job.id)
+
+
+@dataclass(frozen=True)
+class _Published:
+    version: AdapterVersion  # the job's version (``latest``)
+    best: AdapterVersion | None  # what ``best`` points at
+
+
+def _publish(
+    session: Session,
+    rt: WorkerRuntime,
+    job: LeasedJob,
+    outcome: EvaluationOutcome | None,
+    *,
+    publish: str,
+    final: StoredFile,
+    metrics: dict[str, Any],
+    trainable_params: TrainableParams,
+) -> _Published:
+    """Publish the job's version and, with an evaluation, point ``best`` at the best step.
+
+    ``publish: final``: the final weights are the job's version (``latest``); a better earlier
+    checkpoint is published first, as a checkpoint version, so ``latest`` stays on the final
+    step. ``publish: best``: the best step's weights are the job's version.
+    """
+    total = trainable_params.total
+    counts: dict[str, Any] = {
+        "trainable_params": {
+            "unet": trainable_params.unet,
+            "text_encoder": trainable_params.text_encoder,
+        }
+    }
+    best_step = outcome.best_step if outcome is not None else None
+    if outcome is None or best_step is None:
+        version = publish_job_version(
+            session,
+            rt.settings,
+            job=job,
+            stored=final.stored,
+            metrics=metrics,
+            trainable_params=total,
+            lineage=counts,
+        )
+        return _Published(version=version, best=None)
+    best_record = outcome.records[best_step]
+    final_record = outcome.records[outcome.final_step]
+    best_version = None
+    if publish == "best":
+        version = publish_job_version(
+            session,
+            rt.settings,
+            job=job,
+            stored=outcome.stored_weights(best_step),
+            trainable_params=total,
+            metrics={**metrics, **_evaluation_metrics(best_record)},
+            lineage={**counts, "checkpoint_step": best_step},
+        )
+        best_version = version
+    else:
+        if best_step != outcome.final_step:
+            best_version = _promoted_checkpoint(session, job, best_step) or publish_job_version(
+                session,
+                rt.settings,
+                job=job,
+                stored=outcome.stored_weights(best_step),
+                checkpoint_step=best_step,
+                trainable_params=total,
+                metrics=_evaluation_metrics(best_record),
+                lineage={**counts, "job_id": job.id, "checkpoint_step": best_step},
+            )
+        version = publish_job_version(
+            session,
+            rt.settings,
+            job=job,
+            stored=final.stored,
+            metrics={**metrics, **_evaluation_metrics(final_record)},
+            trainable_params=total,
+            lineage=counts,
+        )
+        best_version = best_version or version
+    adapter = get_or_create_adapter(
+        session,
+        tenant_id=job.tenant_id,
+        name=job.adapter_name or "",
+        base_model=job.base_model or "",
+    )
+    move_alias(
+        session,
+        adapter=adapter,
+        alias=BEST_ALIAS,
+        version=best_version.version,
+        actor=f"job:{job.id}",
+    )
+    return _Published(version=version, best=best_version)
+
+
+def _promoted_checkpoint(session: Session, job: LeasedJob, step: int) -> AdapterVersion | None:
+    """The version an earlier promotion of this checkpoint made (POST .../promote), if any."""
+    for candidate in session.scalars(
+        select(AdapterVersion).where(
+            AdapterVersion.tenant_id == job.tenant_id,
+            AdapterVersion.source == VersionSource.CHECKPOINT.value,
+            AdapterVersion.checkpoint_step == step,
+        )
+    ):
+        if candidate.lineage.get("job_id") == job.id:
+            return candidate
+    return None
+
+
+def _evaluation_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """What a version's ``metrics`` keep of the evaluation of its weights."""
+    return {
+        "evaluation": record["evaluation"],
+        "evaluation_step": record["step"],
+        "evaluation_methods": record.get("methods", {}),
+        "evaluation_per_prompt": record.get("per_prompt", []),
+    }

@@ -314,12 +314,16 @@ def cmd_migrate(_: argparse.Namespace) -> None:
     print("database is at the latest migration")
 
 
-def cmd_plan(_: argparse.Namespace) -> None:
-    """Plan a training run: a JSON request on stdin, one JSON line out (the API's dry run)."""
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Plan a training run: a JSON request on stdin, one JSON line out; with --serve, one
+    answer per request line until stdin closes (the API's resident planner)."""
     import json
 
-    from workers.planning import plan_from_request
+    from workers.planning import plan_from_request, serve_stdio
 
+    if args.serve:
+        serve_stdio()
+        return
     print(json.dumps(plan_from_request(json.loads(sys.stdin.read()))))
 
 
@@ -361,6 +365,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     plan = sub.add_parser(
         "plan", help="plan a training run: JSON request on stdin, the plan as JSON on stdout"
+    )
+    plan.add_argument(
+        "--serve", action="store_true", help="answer one JSON request per line until EOF"
     )
     plan.set_defaults(func=cmd_plan)
 

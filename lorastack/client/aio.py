@@ -97,14 +97,19 @@ class AsyncJobs:
         hyperparameters: models.Hyperparameters | dict[str, Any] | None = None,
         dry_run: bool = False,
         idempotency_key: str | None = None,
+        evaluation: models.Evaluation | dict[str, Any] | None = None,
+        publish: str | None = None,
     ) -> models.Job | models.TrainingPlan:
-        """Queue a training run (or, with ``dry_run``, answer its plan without queuing)."""
+        """Queue a training run (or, with ``dry_run``, answer its plan without queuing);
+        ``evaluation`` scores its checkpoints (docs/evaluation.md)."""
         body = calls.train_request(
             dataset_id,
             adapter_name,
             base_model=base_model,
             hyperparameters=hyperparameters,
             dry_run=dry_run,
+            evaluation=evaluation,
+            publish=publish,
         )
         return await self._t.send(calls.create_job(body, idempotency_key=idempotency_key))
 
@@ -285,6 +290,30 @@ class AsyncAdapters:
         raise ConnectionFailed(f"download of {name}@{version} did not match its ETag twice")
 
 
+class AsyncExperiments:
+    """Grids of training runs and their comparison (docs/evaluation.md#experiments)."""
+
+    def __init__(self, transport: AsyncTransport) -> None:
+        self._t = transport
+
+    async def create(
+        self,
+        body: models.ExperimentCreate | dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+    ) -> models.Experiment:
+        request = (
+            body if isinstance(body, models.ExperimentCreate) else models.ExperimentCreate(**body)
+        )
+        return await self._t.send(calls.create_experiment(request, idempotency_key=idempotency_key))
+
+    async def get(self, experiment_id: str) -> models.Experiment:
+        return await self._t.send(calls.get_experiment(experiment_id))
+
+    async def report(self, experiment_id: str, *, format: str = "md") -> str:
+        return await self._t.send(calls.experiment_report(experiment_id, format=format))
+
+
 class AsyncClient:
     """The asynchronous lorastack API client; see :class:`lorastack.Client`."""
 
@@ -310,6 +339,14 @@ class AsyncClient:
         self.datasets = AsyncDatasets(self._t)
         self.jobs = AsyncJobs(self._t)
         self.adapters = AsyncAdapters(self._t)
+        self.experiments = AsyncExperiments(self._t)
+
+    async def grid(
+        self, body: models.GridCreate | dict[str, Any], *, idempotency_key: str | None = None
+    ) -> models.Grid | models.Job:
+        """A labeled image grid: the grid when done within ``wait``, else its job."""
+        request = body if isinstance(body, models.GridCreate) else models.GridCreate(**body)
+        return await self._t.send(calls.create_grid(request, idempotency_key=idempotency_key))
 
     async def generate(
         self,

@@ -303,6 +303,54 @@ def generate(
     )
 
 
+def _grid_or_job(response: httpx.Response) -> models.Grid | models.Job:
+    if response.status_code == 202:
+        return models.Job.model_validate_json(response.content)
+    return models.Grid.model_validate_json(response.content)
+
+
+def create_grid(
+    body: models.GridCreate, *, idempotency_key: str | None
+) -> Call[models.Grid | models.Job]:
+    return Call(
+        "POST",
+        "/grids",
+        _grid_or_job,
+        json=body.body(),
+        headers=creating(None, idempotency_key),
+        idempotent_post=True,
+    )
+
+
+# -- experiments ------------------------------------------------------------------------------
+
+
+def create_experiment(
+    body: models.ExperimentCreate, *, idempotency_key: str | None
+) -> Call[models.Experiment]:
+    return Call(
+        "POST",
+        "/experiments",
+        model(models.Experiment),
+        json=body.body(),
+        headers=creating(None, idempotency_key),
+        idempotent_post=True,
+    )
+
+
+def get_experiment(experiment_id: str) -> Call[models.Experiment]:
+    return Call("GET", f"/experiments/{segment(experiment_id)}", model(models.Experiment))
+
+
+def experiment_report(experiment_id: str, *, format: str) -> Call[str]:
+    return Call(
+        "GET",
+        f"/experiments/{segment(experiment_id)}/report",
+        lambda response: response.text,
+        params={"format": format},
+    )
+
+
 def get_image(image_id: str) -> Call[bytes]:
     return Call("GET", f"/images/{segment(image_id)}", lambda response: response.content)
 
@@ -351,6 +399,8 @@ def train_request(
     base_model: str | None,
     hyperparameters: models.Hyperparameters | dict[str, Any] | None,
     dry_run: bool,
+    evaluation: models.Evaluation | dict[str, Any] | None = None,
+    publish: str | None = None,
 ) -> models.TrainJobCreate:
     hp = (
         hyperparameters
@@ -362,4 +412,12 @@ def train_request(
         fields["base_model"] = base_model
     if dry_run:
         fields["dry_run"] = True
+    if evaluation is not None:
+        fields["evaluation"] = (
+            evaluation
+            if isinstance(evaluation, models.Evaluation)
+            else models.Evaluation(**evaluation)
+        )
+    if publish is not None:
+        fields["publish"] = publish
     return models.TrainJobCreate(hyperparameters=hp, **fields)

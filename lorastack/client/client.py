@@ -92,14 +92,19 @@ class Jobs:
         hyperparameters: models.Hyperparameters | dict[str, Any] | None = None,
         dry_run: bool = False,
         idempotency_key: str | None = None,
+        evaluation: models.Evaluation | dict[str, Any] | None = None,
+        publish: str | None = None,
     ) -> models.Job | models.TrainingPlan:
-        """Queue a training run (or, with ``dry_run``, answer its plan without queuing)."""
+        """Queue a training run (or, with ``dry_run``, answer its plan without queuing);
+        ``evaluation`` scores its checkpoints (docs/evaluation.md)."""
         body = calls.train_request(
             dataset_id,
             adapter_name,
             base_model=base_model,
             hyperparameters=hyperparameters,
             dry_run=dry_run,
+            evaluation=evaluation,
+            publish=publish,
         )
         return self._t.send(calls.create_job(body, idempotency_key=idempotency_key))
 
@@ -285,6 +290,32 @@ class Adapters:
         raise ConnectionFailed(f"download of {name}@{version} did not match its ETag twice")
 
 
+class Experiments:
+    """Grids of training runs and their comparison (docs/evaluation.md#experiments)."""
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self._t = transport
+
+    def create(
+        self,
+        body: models.ExperimentCreate | dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+    ) -> models.Experiment:
+        """Queue one training run per combination of ``body["grid"]``."""
+        request = (
+            body if isinstance(body, models.ExperimentCreate) else models.ExperimentCreate(**body)
+        )
+        return self._t.send(calls.create_experiment(request, idempotency_key=idempotency_key))
+
+    def get(self, experiment_id: str) -> models.Experiment:
+        return self._t.send(calls.get_experiment(experiment_id))
+
+    def report(self, experiment_id: str, *, format: str = "md") -> str:
+        """The comparison table as Markdown (``md``) or CSV (``csv``)."""
+        return self._t.send(calls.experiment_report(experiment_id, format=format))
+
+
 class Client:
     """A lorastack API client.
 
@@ -315,6 +346,15 @@ class Client:
         self.datasets = Datasets(self._t)
         self.jobs = Jobs(self._t)
         self.adapters = Adapters(self._t)
+        self.experiments = Experiments(self._t)
+
+    def grid(
+        self, body: models.GridCreate | dict[str, Any], *, idempotency_key: str | None = None
+    ) -> models.Grid | models.Job:
+        """A labeled image grid (docs/inference.md#grids): the grid when done within
+        ``wait``, else its job."""
+        request = body if isinstance(body, models.GridCreate) else models.GridCreate(**body)
+        return self._t.send(calls.create_grid(request, idempotency_key=idempotency_key))
 
     def generate(
         self,

@@ -180,6 +180,30 @@ class Hyperparameters(Request):
     validation_every: int | None = None
 
 
+class CheckpointSelect(Request):
+    """Which aggregate picks the best checkpoint (docs/evaluation.md)."""
+
+    __schema_name__ = "CheckpointSelect"
+
+    metric: str | None = None
+    mode: str | None = None
+
+
+class Evaluation(Request):
+    """Base model vs LoRA at the same seeds, scored at each checkpoint (docs/evaluation.md)."""
+
+    __schema_name__ = "Evaluation"
+
+    prompts: list[str]
+    control_prompts: list[str] | None = None
+    seeds: list[int] | None = None
+    every: bool | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    metrics: list[str] | None = None
+    select: CheckpointSelect | None = None
+
+
 class TrainJobCreate(Request):
     __schema_name__ = "TrainJobCreate"
 
@@ -187,6 +211,8 @@ class TrainJobCreate(Request):
     adapter_name: str
     base_model: str | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    evaluation: Evaluation | None = None
+    publish: str | None = None
     dry_run: bool = False
 
 
@@ -357,8 +383,10 @@ class ResolvedAdapter(Response):
 
     ref: str
     name: str
-    version: int
+    version: int | None = None
     weight: float
+    job_id: str | None = None
+    checkpoint_step: int | None = None
 
 
 class Generation(Response):
@@ -371,6 +399,96 @@ class Generation(Response):
     adapters: list[ResolvedAdapter]
     seed: int
     timings: dict[str, Any]
+
+
+class GridAxis(Request):
+    """One axis of a grid: prompts, seeds, adapter refs (None = base model) or weights."""
+
+    __schema_name__ = "GridAxis"
+
+    axis: str
+    values: list[str | int | float | None]
+
+
+class GridCreate(Request):
+    """A labeled image grid (POST /grids; docs/inference.md)."""
+
+    __schema_name__ = "GridCreate"
+
+    x: GridAxis
+    y: GridAxis | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    adapter: str | None = None
+    weight: float | None = None
+    seed: int | None = None
+    base_model: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    wait: float | None = None
+
+
+class Grid(Response):
+    __schema_name__ = "GridOut"
+
+    job_id: str
+    status: str
+    image_id: str | None = None
+    url: str | None = None
+    rows: list[str]
+    columns: list[str]
+    cells: list[list[dict[str, Any]]]
+    layout: dict[str, int] | None = None
+
+
+class ExperimentCreate(Request):
+    """A grid of training runs (POST /experiments; docs/evaluation.md#experiments)."""
+
+    __schema_name__ = "ExperimentCreate"
+
+    dataset_id: str
+    adapter_name: str
+    grid: dict[str, list[Any]]
+    base_model: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    evaluation: Evaluation | None = None
+    publish: str | None = None
+
+
+class ExperimentRun(Response):
+    __schema_name__ = "ExperimentRun"
+
+    index: int
+    job_id: str
+    adapter_name: str
+    parameters: dict[str, Any]
+    status: str
+    trainable_params: int | None = None
+    adapter_file_bytes: int | None = None
+    duration_s: float | None = None
+    final_loss: float | None = None
+    version: int | None = None
+    best_step: int | None = None
+    best_version: int | None = None
+    metrics: dict[str, float]
+
+
+class Experiment(Response):
+    __schema_name__ = "ExperimentOut"
+
+    id: str
+    status: str
+    dataset_id: str | None = None
+    base_model: str
+    adapter_name: str
+    grid: dict[str, list[Any]]
+    select: dict[str, str] | None = None
+    runs: list[ExperimentRun]
+    best_run: int | None = None
+    created_at: datetime
 
 
 # -- workers ----------------------------------------------------------------------------------
@@ -399,6 +517,14 @@ class WorkerList(Response):
 
 
 ALL_MODELS: tuple[type[Response] | type[Request], ...] = (
+    ExperimentCreate,
+    ExperimentRun,
+    Experiment,
+    GridAxis,
+    GridCreate,
+    Grid,
+    CheckpointSelect,
+    Evaluation,
     DatasetSummary,
     Dataset,
     DatasetList,

@@ -4,13 +4,12 @@ run (``service.publishing``), idempotent per (job, step)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lorafile import STORED_LIMITS, InvalidAdapterFile, read_safetensors_header
-from service.adapters.refs import adapter_of
+from service.adapters.refs import CHECKPOINT_WEIGHTS_NAME, adapter_of
 from service.config import Settings
 from service.errors import NotFound, Unprocessable
 from service.jobs.service import get_job
@@ -22,10 +21,6 @@ from service.publishing import (
     store_job_weights,
 )
 from service.storage import ArtifactStore
-
-# The file a training checkpoint folder holds its LoRA weights in (diffusers' default name,
-# written by the worker's trainer; the service does not import the worker package).
-CHECKPOINT_WEIGHTS_NAME: Final = "pytorch_lora_weights.safetensors"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
-"""Finding adapters and versions: names, refs (``name``, ``name@3``, ``name@prod``)."""
+"""Finding adapters and versions: names, refs (``name``, ``name@3``, ``name@prod``) and the
+checkpoint refs (``name@ckpt:400``, ``<job id>@ckpt:400``) that serve a training checkpoint
+without promoting it."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+from dataclasses import dataclass
 from typing import Final
 
 from sqlalchemy import select
@@ -10,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from service import registry
 from service.errors import NotFound, field_error
-from service.models import Adapter, AdapterVersion
+from service.models import Adapter, AdapterVersion, Checkpoint, Job, JobKind
 from service.registry import ADAPTER_NAME_PATTERN
+from service.storage import ArtifactStore
 
 _NAME_RE: Final = re.compile(ADAPTER_NAME_PATTERN)
 _MAX_VERSION: Final = 2**31 - 1
@@ -20,6 +25,13 @@ _SELECTOR_RE: Final = re.compile(_SELECTOR)
 _REF_RE: Final = re.compile(
     rf"(?P<name>{ADAPTER_NAME_PATTERN[1:-1]})(?:@(?P<selector>{_SELECTOR}))?"
 )
+# ``<adapter name or training job id>@ckpt:<step>``: a job id matches the name pattern too.
+_CHECKPOINT_REF_RE: Final = re.compile(
+    rf"(?P<subject>{ADAPTER_NAME_PATTERN[1:-1]})@ckpt:(?P<step>[0-9]{{1,10}})"
+)
+# The file a training checkpoint folder holds its LoRA weights in (diffusers' default name,
+# written by the worker's trainer; the service does not import the worker package).
+CHECKPOINT_WEIGHTS_NAME: Final = "pytorch_lora_weights.safetensors"
 
 
 def check_adapter_name(name: str, *, field: str = "name") -> None:
@@ -126,3 +138,74 @@ def adapter_of(session: Session, version: AdapterVersion) -> Adapter:
     adapter = session.get(Adapter, version.adapter_id)
     assert adapter is not None
     return adapter
+
+
+@dataclass(frozen=True)
+class CheckpointUse:
+    """A training checkpoint named by a checkpoint ref, with its weights file in the store."""
+
+    job: Job
+    adapter: Adapter | None
+    step: int
+    weights_key: str
+    sha256: str
+
+    @property
+    def use_id(self) -> str:
+        """Stands for a version id where a checkpoint is used instead (batch keys, repeats)."""
+        return f"{self.job.id}@ckpt:{self.step}"
+
+
+def is_checkpoint_ref(ref: str) -> bool:
+    """True for the ``...@ckpt:<step>`` form (well formed or not)."""
+    return "@ckpt:" in ref
+
+
+def resolve_checkpoint_ref(
+    session: Session, *, store: ArtifactStore, tenant_id: str, ref: str
+) -> CheckpointUse:
+    """The checkpoint ``<job id>@ckpt:<step>`` or ``<adapter name>@ckpt:<step>`` names (the
+    adapter's newest training job that kept a checkpoint at that step).
+
+    Raises 422 for a malformed ref and 404 when no kept checkpoint matches.
+    """
+    match = _CHECKPOINT_REF_RE.fullmatch(ref)
+    if match is None:
+        raise field_error(
+            "ref",
+            f"invalid checkpoint ref {ref!r}: use '<adapter name>@ckpt:<step>' or "
+            "'<training job id>@ckpt:<step>'",
+            code="invalid_adapter_ref",
+        )
+    subject, step = match["subject"], int(match["step"])
+    missing = NotFound(f"adapter ref {ref!r} matches no kept checkpoint", code="adapter_not_found")
+    if step > _MAX_VERSION:
+        raise missing
+    trains = select(Job, Checkpoint).join(Checkpoint, Checkpoint.job_id == Job.id)
+    trains = trains.where(
+        Job.tenant_id == tenant_id, Job.kind == JobKind.TRAIN.value, Checkpoint.step == step
+    )
+    found = (
+        session.execute(trains.where(Job.id == subject)).first()
+        or session.execute(
+            trains.where(Job.adapter_name == subject).order_by(Job.id.desc()).limit(1)
+        ).first()
+    )
+    if found is None:
+        raise missing
+    job, checkpoint = found
+    weights_key = f"{checkpoint.storage_key}/{CHECKPOINT_WEIGHTS_NAME}"
+    try:
+        data = store.path(weights_key).read_bytes()
+    except FileNotFoundError:  # removed by retention after its row was read
+        raise missing from None
+    adapter = session.scalar(
+        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == job.adapter_name)
+    )
+    return CheckpointUse(
+        job=job,
+        adapter=adapter,
+        step=step,
+        weights_key=weights_key,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )

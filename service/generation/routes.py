@@ -71,7 +71,12 @@ async def _run(
 
         def create() -> str:
             job = create_generation_job(
-                uow.session, settings=settings, tenant_id=tenant_id, body=body, job_id=new_job_id
+                uow.session,
+                settings=settings,
+                store=request.app.state.store,
+                tenant_id=tenant_id,
+                body=body,
+                job_id=new_job_id,
             )
             made.append(job)  # kept: the session's identity map holds it only weakly
             return job.id

@@ -12,7 +12,11 @@ SchedulerName = Literal["pndm", "ddim", "euler", "euler_a", "dpm++_2m", "lms"]
 class AdapterWeight(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ref: str = Field(max_length=220, description='"name", "name@3" or "name@prod"')
+    ref: str = Field(
+        max_length=220,
+        description='"name", "name@3", "name@prod", or a training checkpoint: '
+        '"name@ckpt:400" or "<job id>@ckpt:400"',
+    )
     weight: float = Field(1.0, ge=-4.0, le=4.0)
 
 
@@ -51,8 +55,10 @@ class ImageOut(BaseModel):
 class ResolvedAdapter(BaseModel):
     ref: str
     name: str
-    version: int
+    version: int | None = Field(None, description="null for a checkpoint ref")
     weight: float
+    job_id: str | None = Field(None, description="the training job, for a checkpoint ref")
+    checkpoint_step: int | None = Field(None, description="the step, for a checkpoint ref")
 
 
 class GenerateOut(BaseModel):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import secrets
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import dispatch, lifecycle
-from service.adapters.refs import resolve_ref
+from service.adapters.refs import is_checkpoint_ref, resolve_checkpoint_ref, resolve_ref
 from service.base_models import local_folder, native_size, resolve_base_model
 from service.config import Settings
 from service.errors import NotFound, ServiceError, field_error
@@ -22,7 +23,6 @@ from service.generation.schemas import (
 from service.job_params import AdapterUse, GenerateParams, GenerationSpec
 from service.models import Image, Job, JobKind
 from service.queue import GENERATE_QUEUE
-from service.registry import check_base_model
 from service.storage import ArtifactStore
 
 
@@ -62,39 +62,83 @@ def _check_limits(
 
 
 def _resolve_adapters(
-    session: Session, *, tenant_id: str, base_model: str, body: GenerateRequest
+    session: Session,
+    *,
+    store: ArtifactStore,
+    tenant_id: str,
+    base_model: str,
+    body: GenerateRequest,
 ) -> list[AdapterUse]:
-    """Each requested ref resolved to the version it names now; 422 naming the bad one."""
+    """Each requested ref resolved to the version (or checkpoint) it names now; 422 naming the
+    bad one."""
     adapters: list[AdapterUse] = []
     seen: set[str] = set()
     for index, item in enumerate(body.adapters):
         field = f"adapters.{index}.ref"
         try:
-            adapter, version = resolve_ref(session, tenant_id=tenant_id, ref=item.ref)
+            use = resolve_adapter_use(
+                session, store=store, tenant_id=tenant_id, ref=item.ref, weight=item.weight
+            )
         except ServiceError as exc:
             raise field_error(field, exc.detail, code=exc.code) from None
-        check_base_model(adapter, base_model, field=field)
-        if version.id in seen:
-            raise field_error(field, f"{item.ref!r} is listed twice", code="duplicate_adapter")
-        seen.add(version.id)
-        adapters.append(
-            AdapterUse(
-                ref=item.ref,
-                name=adapter.name,
-                version=version.version,
-                version_id=version.id,
-                storage_key=version.storage_key,
-                sha256=version.sha256,
-                weight=item.weight,
+        if use.base_model != base_model:
+            raise field_error(
+                field,
+                f"{item.ref!r} belongs to base model {use.base_model!r}, not {base_model!r}",
+                code="base_model_mismatch",
             )
-        )
+        if use.adapter.version_id in seen:
+            raise field_error(field, f"{item.ref!r} is listed twice", code="duplicate_adapter")
+        seen.add(use.adapter.version_id)
+        adapters.append(use.adapter)
     return adapters
+
+
+@dataclass(frozen=True)
+class ResolvedUse:
+    adapter: AdapterUse
+    base_model: str
+
+
+def resolve_adapter_use(
+    session: Session, *, store: ArtifactStore, tenant_id: str, ref: str, weight: float
+) -> ResolvedUse:
+    if is_checkpoint_ref(ref):
+        checkpoint = resolve_checkpoint_ref(session, store=store, tenant_id=tenant_id, ref=ref)
+        return ResolvedUse(
+            adapter=AdapterUse(
+                ref=ref,
+                name=checkpoint.job.adapter_name or "",
+                version=None,
+                version_id=checkpoint.use_id,
+                storage_key=checkpoint.weights_key,
+                sha256=checkpoint.sha256,
+                weight=weight,
+                job_id=checkpoint.job.id,
+                checkpoint_step=checkpoint.step,
+            ),
+            base_model=checkpoint.job.base_model or "",
+        )
+    adapter, version = resolve_ref(session, tenant_id=tenant_id, ref=ref)
+    return ResolvedUse(
+        adapter=AdapterUse(
+            ref=ref,
+            name=adapter.name,
+            version=version.version,
+            version_id=version.id,
+            storage_key=version.storage_key,
+            sha256=version.sha256,
+            weight=weight,
+        ),
+        base_model=adapter.base_model,
+    )
 
 
 def create_generation_job(
     session: Session,
     *,
     settings: Settings,
+    store: ArtifactStore,
     tenant_id: str,
     body: GenerateRequest,
     job_id: str | None = None,
@@ -105,7 +149,9 @@ def create_generation_job(
     side = (native_size(folder) if folder else None) or 512
     width, height = body.width or side, body.height or side
     _check_limits(settings, body, width=width, height=height, native=side)
-    adapters = _resolve_adapters(session, tenant_id=tenant_id, base_model=base_model, body=body)
+    adapters = _resolve_adapters(
+        session, store=store, tenant_id=tenant_id, base_model=base_model, body=body
+    )
     spec = GenerationSpec(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -162,7 +208,14 @@ def generation_answer(
         base_model=job.base_model or "",
         images=images,
         adapters=[
-            ResolvedAdapter(ref=a.ref, name=a.name, version=a.version, weight=a.weight)
+            ResolvedAdapter(
+                ref=a.ref,
+                name=a.name,
+                version=a.version,
+                weight=a.weight,
+                job_id=a.job_id,
+                checkpoint_step=a.checkpoint_step,
+            )
             for a in params.adapters
         ],
         seed=params.request.seed,

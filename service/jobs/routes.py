@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -86,16 +87,26 @@ async def create_job_route(
         )
 
     dataset, base_model, source = await run_in_threadpool(validate)
-    if body.dry_run or settings.train_max_memory_bytes or settings.train_max_duration_s:
-        plan = await run_in_threadpool(
-            lambda: training.plan_training(
-                body=body, dataset=dataset, base_model=base_model, source=source
-            )
-        )
-        if body.dry_run:
-            response.status_code = 200
-            return plan
-        training.admit_by_plan(plan, settings=settings)
+    planning = functools.partial(
+        training.plan_training,
+        settings=settings,
+        body=body,
+        dataset=dataset,
+        base_model=base_model,
+        source=source,
+    )
+    if body.dry_run:
+        response.status_code = 200
+        return await run_in_threadpool(planning)
+
+    def admit() -> TrainingPlanOut | None:
+        plan = training.plan_for_admission(settings, planning)
+        if plan is not None:
+            limit = training.training_memory_limit(uow.session, settings)
+            training.admit_by_plan(plan, settings=settings, memory_limit=limit)
+        return plan
+
+    plan = await run_in_threadpool(admit)
 
     def create() -> tuple[JobOut, bool]:
         job_id, created = create_once(
@@ -112,6 +123,7 @@ async def create_job_route(
                     body=body,
                     dataset=dataset,
                     base_model=base_model,
+                    plan=plan,
                 ).id
             ),
         )
@@ -182,9 +194,21 @@ def job_events_route(
         int, Query(ge=0, le=SQL_INT_MAX, description="return events with seq > after")
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    last_event_id: Annotated[
+        int | None,
+        Header(
+            alias="Last-Event-ID",
+            ge=0,
+            le=SQL_INT_MAX,
+            description="SSE reconnection: stream events with seq > this (overrides `after`)",
+        ),
+    ] = None,
 ) -> JobEventList | StreamingResponse:
     job = get_job(uow.session, tenant_id=caller.tenant_id, job_id=job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
+        # An EventSource that reconnects sends the id of the last event it received.
+        if last_event_id is not None:
+            after = last_event_id
         factory = request.app.state.session_factory
         return StreamingResponse(
             _stream_events(factory, job_id=job.id, after=after, request=request),

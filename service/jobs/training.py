@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from typing import Any
+import logging
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -18,13 +16,13 @@ from service.datasets.service import get_dataset
 from service.errors import NotFound, ServiceUnavailable, Unprocessable, field_error
 from service.fleet import live_workers
 from service.job_params import TrainParams
+from service.jobs.planner import PLANNER, PlannerUnavailable
 from service.jobs.training_schemas import TrainingPlanOut, TrainJobCreate
 from service.models import Adapter, Dataset, Job, JobKind
 from service.queue import TRAIN_QUEUE
 from service.registry import check_base_model
 
-# The `lorastack plan` command, run through this interpreter: the planner needs torch.
-PLANNER_COMMAND = (sys.executable, "-m", "lorastack.cli", "plan")
+log = logging.getLogger(__name__)
 
 
 def validate_training_request(
@@ -91,6 +89,8 @@ def create_training_job(
     body: TrainJobCreate,
     dataset: Dataset,
     base_model: str,
+    experiment_id: str | None = None,
+    plan: TrainingPlanOut | None = None,
 ) -> Job:
     dispatch.check_queued_quota(
         session, settings=settings, tenant_id=tenant_id, kind=JobKind.TRAIN.value
@@ -104,16 +104,22 @@ def create_training_job(
         dataset_id=dataset.id,
         base_model=base_model,
         adapter_name=body.adapter_name,
+        experiment_id=experiment_id,
         params=TrainParams(
-            hyperparameters=body.hyperparameters.resolved(), dataset_sha256=dataset.sha256
+            hyperparameters=body.hyperparameters.resolved(),
+            dataset_sha256=dataset.sha256,
+            evaluation=body.evaluation.model_dump(mode="json") if body.evaluation else None,
+            publish=body.publish,
+            planned_peak_memory_bytes=plan.peak_memory_bytes if plan is not None else None,
         ).model_dump(mode="json"),
     )
 
 
 def plan_training(
-    *, body: TrainJobCreate, dataset: Dataset, base_model: str, source: str, timeout_s: float = 120
+    *, settings: Settings, body: TrainJobCreate, dataset: Dataset, base_model: str, source: str
 ) -> TrainingPlanOut:
-    """Run the planner in a child process (it needs torch; this process never imports it)."""
+    """The run's dry-run plan from the resident planner (it needs torch; this process never
+    imports it). 422 for a configuration the planner refuses, 503 when it can't answer."""
     folder = local_folder(source)
     if folder is None:
         raise field_error(
@@ -127,21 +133,9 @@ def plan_training(
         "num_items": dataset.pair_count,
     }
     try:
-        proc = subprocess.run(
-            list(PLANNER_COMMAND),
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-    except subprocess.TimeoutExpired:
-        raise ServiceUnavailable("the training planner timed out", code="planner_timeout") from None
-    try:
-        answer: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        raise ServiceUnavailable(
-            f"the training planner failed: {proc.stderr.strip()[-300:]}", code="planner_failed"
-        ) from None
+        answer = PLANNER.plan(request, timeout_s=settings.train_planner_timeout_s)
+    except PlannerUnavailable as exc:
+        raise ServiceUnavailable(exc.message, code=exc.code) from None
     if "error" in answer:
         err = answer["error"]
         raise field_error(f"hyperparameters.{err['field']}", err["message"], code="config_error")
@@ -153,10 +147,43 @@ def plan_training(
     )
 
 
-def admit_by_plan(plan: TrainingPlanOut, *, settings: Settings) -> None:
+def plan_for_admission(
+    settings: Settings, plan: Callable[[], TrainingPlanOut]
+) -> TrainingPlanOut | None:
+    """``plan()`` for admission, or None when it can't be had: admission off, a base model not
+    stored as a local folder, a planner that can't answer (the worker then plans the run
+    itself before it trains). A configuration the planner refuses is still a 422."""
+    if not settings.train_admission:
+        return None
+    try:
+        return plan()
+    except ServiceUnavailable as exc:
+        log.warning("training admission skipped: %s", exc.detail)
+        return None
+    except Unprocessable as exc:
+        if exc.code == "dry_run_unavailable":
+            return None
+        raise
+
+
+def training_memory_limit(session: Session, settings: Settings) -> tuple[str, int] | None:
+    """(what it is, bytes): LORASTACK_TRAIN_MAX_MEMORY_BYTES when set, else the most memory a
+    live training worker reports; None when neither is known."""
+    if settings.train_max_memory_bytes is not None:
+        return "LORASTACK_TRAIN_MAX_MEMORY_BYTES", settings.train_max_memory_bytes
+    reported = [
+        int(w.info["memory_bytes"])
+        for w in live_workers(session, settings)
+        if TRAIN_QUEUE in w.queues and isinstance(w.info.get("memory_bytes"), int)
+    ]
+    return ("live training workers' memory", max(reported)) if reported else None
+
+
+def admit_by_plan(
+    plan: TrainingPlanOut, *, settings: Settings, memory_limit: tuple[str, int] | None
+) -> None:
     """Refuse (422 with the plan's figures) a run whose plan exceeds the training workers'
-    memory (LORASTACK_TRAIN_MAX_MEMORY_BYTES) or the longest run accepted
-    (LORASTACK_TRAIN_MAX_DURATION_S)."""
+    memory or the longest run accepted (LORASTACK_TRAIN_MAX_DURATION_S)."""
     figures = {
         "peak_memory_bytes": plan.peak_memory_bytes,
         "memory": plan.memory,
@@ -164,17 +191,14 @@ def admit_by_plan(plan: TrainingPlanOut, *, settings: Settings) -> None:
         "total_steps": plan.total_steps,
         "seconds_per_step": plan.seconds_per_step,
     }
-    memory_cap = settings.train_max_memory_bytes
-    if memory_cap is not None and plan.peak_memory_bytes > memory_cap:
+    if memory_limit is not None and plan.peak_memory_bytes > memory_limit[1]:
+        name, cap = memory_limit
         raise Unprocessable(
-            f"the plan's peak memory {plan.peak_memory_bytes} bytes is over the training "
-            f"workers' {memory_cap} (LORASTACK_TRAIN_MAX_MEMORY_BYTES): lower the resolution, "
-            "batch size or rank, or turn on gradient checkpointing",
+            f"the plan's peak memory {plan.peak_memory_bytes} bytes is over the {cap} of the "
+            f"{name}: lower the resolution, batch size or rank, or turn on gradient "
+            "checkpointing",
             code="plan_over_memory",
-            extra={
-                "plan": figures,
-                "limit": {"name": "LORASTACK_TRAIN_MAX_MEMORY_BYTES", "value": memory_cap},
-            },
+            extra={"plan": figures, "limit": {"name": name, "value": cap}},
         )
     duration_cap = settings.train_max_duration_s
     duration = plan.estimated_duration_s

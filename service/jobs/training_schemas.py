@@ -7,12 +7,34 @@ queued. A test holds its fields, defaults and presets equal to the trainer's con
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.job_params import DEFAULT_MAX_STEPS, unet_targets
 from service.registry import ADAPTER_NAME_PATTERN
+
+EvaluationMetric = Literal["clip_score", "fidelity", "strength", "leakage", "cmmd"]
+EVALUATION_METRICS: tuple[EvaluationMetric, ...] = (
+    "clip_score",
+    "fidelity",
+    "strength",
+    "leakage",
+    "cmmd",
+)
+DEFAULT_EVAL_SEEDS = (0, 1)
+MAX_EVAL_IMAGES = 64
+# The metric that computes each selectable figure.
+SELECT_NEEDS = {
+    "clip_score": "clip_score",
+    "clip_score_base": "clip_score",
+    "clip_score_gain": "clip_score",
+    "fidelity_dino": "fidelity",
+    "fidelity_clip_i": "fidelity",
+    "strength": "strength",
+    "leakage": "leakage",
+    "cmmd": "cmmd",
+}
 
 TargetPreset = Literal["attn", "cross-attn-qkv"]
 
@@ -77,6 +99,64 @@ class Hyperparameters(BaseModel):
         return data
 
 
+SelectableMetric = Literal[
+    "clip_score",
+    "clip_score_base",
+    "clip_score_gain",
+    "fidelity_dino",
+    "fidelity_clip_i",
+    "strength",
+    "leakage",
+    "cmmd",
+]
+EvalPrompt = Annotated[str, Field(min_length=1, max_length=500)]
+
+
+class CheckpointSelect(BaseModel):
+    """Which aggregate figure picks the best checkpoint, and whether more is better."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: SelectableMetric = "clip_score"
+    mode: Literal["max", "min"] = "max"
+
+
+class Evaluation(BaseModel):
+    """Base model vs LoRA at the same seeds, scored at each checkpoint (docs/evaluation.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[EvalPrompt] = Field(min_length=1, max_length=16, description="target prompts")
+    control_prompts: list[EvalPrompt] = Field(
+        default_factory=list, max_length=16, description="unrelated prompts, for leakage"
+    )
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(
+        default_factory=lambda: list(DEFAULT_EVAL_SEEDS), min_length=1, max_length=8
+    )
+    every: bool = Field(True, description="evaluate at each checkpoint (else the final only)")
+    num_inference_steps: int = Field(20, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0, le=50)
+    metrics: list[EvaluationMetric] = Field(
+        default_factory=lambda: list(EVALUATION_METRICS), min_length=1
+    )
+    select: CheckpointSelect = Field(default_factory=CheckpointSelect)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Evaluation:
+        images = (len(self.prompts) + len(self.control_prompts)) * len(self.seeds)
+        if images > MAX_EVAL_IMAGES:
+            raise ValueError(
+                f"(prompts + control_prompts) x seeds is {images} image pairs; "
+                f"at most {MAX_EVAL_IMAGES} per evaluation"
+            )
+        needs = SELECT_NEEDS[self.select.metric]
+        if needs not in self.metrics:
+            raise ValueError(f"select.metric {self.select.metric!r} needs the metric {needs!r}")
+        if self.select.metric == "leakage" and not self.control_prompts:
+            raise ValueError("select.metric 'leakage' needs at least one control prompt")
+        return self
+
+
 class TrainJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,7 +164,17 @@ class TrainJobCreate(BaseModel):
     adapter_name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="new or existing")
     base_model: str | None = Field(None, description="a configured base model; default first")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    evaluation: Evaluation | None = Field(None, description="score checkpoints against the base")
+    publish: Literal["final", "best"] = Field(
+        "final", description="'best' publishes the best checkpoint (needs evaluation)"
+    )
     dry_run: bool = Field(False, description="answer the plan without queuing")
+
+    @model_validator(mode="after")
+    def _publish_needs_evaluation(self) -> TrainJobCreate:
+        if self.publish == "best" and self.evaluation is None:
+            raise ValueError("publish 'best' needs an evaluation to pick the best checkpoint")
+        return self
 
 
 class TrainingPlanOut(BaseModel):

@@ -162,6 +162,12 @@ def test_exit_codes(env: dict[str, str]) -> None:
         assert helped.returncode == 0 and "example:" in helped.stdout, command
 
 
+def _interruptible() -> None:
+    """Ctrl-C reaches the child as on a user's terminal: a shell that started this suite in
+    the background (CI) leaves SIGINT ignored, and Python then installs no handler for it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_detaches_off_a_terminal_and_offers_to_cancel_on_one(
     env: dict[str, str], served: Served, tmp_path: Path
 ) -> None:
@@ -175,6 +181,7 @@ def test_ctrl_c_detaches_off_a_terminal_and_offers_to_cancel_on_one(
             # Without a terminal: events as lines; Ctrl-C detaches and the job keeps running.
             follower = subprocess.Popen(
                 [sys.executable, "-m", "lorastack.cli", "jobs", "logs", "-f", job.id],
+                preexec_fn=_interruptible,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -194,6 +201,7 @@ def test_ctrl_c_detaches_off_a_terminal_and_offers_to_cancel_on_one(
             master, slave = pty.openpty()
             follower = subprocess.Popen(
                 [sys.executable, "-m", "lorastack.cli", "jobs", "logs", "-f", job.id],
+                preexec_fn=_interruptible,
                 env={**env, "TERM": "xterm", "COLUMNS": "160"},
                 stdin=slave,
                 stdout=slave,

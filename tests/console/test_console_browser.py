@@ -228,6 +228,44 @@ def test_plan_and_train_then_watch_the_job(console: Console, screenshots: Path) 
     page.screenshot(path=screenshots / "console-job.png", full_page=True)
 
 
+def test_an_evaluated_job_shows_its_grids(console: Console, screenshots: Path) -> None:
+    """A training job with an evaluation: each evaluated step shows its same-seed grid and
+    its figures on the job page (the loss chart gets no point from them)."""
+    served = console.served
+    headers = {"Authorization": f"Bearer {served.key}"}
+    dataset = httpx.get(f"{served.base}/datasets", headers=headers).json()["data"][0]
+    created = httpx.post(
+        f"{served.base}/jobs",
+        headers=headers,
+        json={
+            "dataset_id": dataset["id"],
+            "adapter_name": "squares-eval",
+            "hyperparameters": {"resolution": 64, "rank": 4, "max_steps": 4, "checkpoint_every": 2},
+            "evaluation": {"prompts": ["a red square"], "seeds": [0], "num_inference_steps": 2},
+        },
+    )
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    deadline = time.monotonic() + 240
+    while httpx.get(f"{served.base}/jobs/{job_id}", headers=headers).json()["status"] not in (
+        "succeeded",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, "the evaluated job did not end"
+        time.sleep(0.5)
+    page = console.page
+    page.goto(f"{served.base}/console#/jobs/{job_id}")
+    page.get_by_test_id("job-status").filter(has_text="succeeded").wait_for()
+    page.get_by_text("evaluation, step 4").wait_for()
+    assert "clip_score" in page.get_by_text("evaluation, step 2").inner_text()
+    page.wait_for_function(
+        "[...document.querySelectorAll('ul.gallery img')]"
+        ".filter((img) => img.alt.startsWith('evaluation grid') && img.naturalWidth > 0)"
+        ".length === 2"
+    )
+    assert int(page.get_by_test_id("loss-chart").get_attribute("data-points") or 0) >= 2
+
+
 def test_find_the_adapter_and_download_both_formats(
     console: Console, screenshots: Path, tmp_path: Path
 ) -> None:

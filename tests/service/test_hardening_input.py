@@ -204,6 +204,8 @@ def test_integers_past_the_column_range_are_422_plain_and_streamed(
     field_error(client.get(events, headers=auth), "after")
     streamed = client.get(events, headers={**auth, "Accept": "text/event-stream"})
     field_error(streamed, "after")
+    resumed = {**auth, "Accept": "text/event-stream", "Last-Event-ID": "2147483648"}
+    field_error(client.get(f"/jobs/{job['id']}/events", headers=resumed), "Last-Event-ID")
     last = client.get(f"/jobs/{job['id']}/events?after=2147483647", headers=auth)
     assert last.status_code == 200 and last.json()["data"] == []
     promote = client.post(f"/jobs/{job['id']}/checkpoints/2147483648/promote", headers=auth)

@@ -72,4 +72,4 @@ def test_no_server_errors_and_answers_match_the_schema(
     with capsys.disabled():
         print(f"\nschemathesis: {total} cases over {len(counts)} operations")
     assert not failures, "\n\n".join(failures)
-    assert len(counts) >= 28, sorted(counts)  # every operation ran
+    assert len(counts) >= 32, sorted(counts)  # every operation ran

@@ -95,3 +95,8 @@ def test_events_page_and_stream(
         assert stream.headers["content-type"].startswith("text/event-stream")
         body = "".join(stream.iter_text())
     assert body.count("event: state") == 3 and "id: 3" in body
+    # An EventSource reconnecting sends the last id it saw: the stream goes on after it.
+    resumed = {**auth, "Accept": "text/event-stream", "Last-Event-ID": "2"}
+    with client.stream("GET", f"/jobs/{job['id']}/events", headers=resumed) as stream:
+        body = "".join(stream.iter_text())
+    assert body.count("event: state") == 1 and "id: 3" in body and "id: 2" not in body

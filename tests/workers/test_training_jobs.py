@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from service import lifecycle
+from service.app import create_app
 from service.auth import authenticate
 from service.db import transaction
 from service.models import AdapterVersion, Dataset, Job
@@ -382,3 +383,45 @@ def test_job_that_keeps_killing_its_worker_fails_and_the_queue_drains(
     assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost"
     assert failed["attempts"] == max_attempts
     assert wait_status(client, auth, behind["id"], {"succeeded", "failed"})["status"] == "succeeded"
+
+
+SCHEMA_MAXIMA = {"max_steps": 1_000_000, "resolution": 4096, "batch_size": 256, "rank": 1024}
+
+
+def test_a_run_no_worker_can_hold_is_refused_by_its_plan(
+    client: TestClient, auth: dict[str, str], stack: Stack, worker: subprocess.Popen[bytes]
+) -> None:
+    """By default: the API plans every run against the live training workers' memory; a run
+    admitted without a plan (the API could not plan it) is planned and refused by the worker
+    before it trains."""
+    dataset_id = upload_dataset(client, auth, count=2)
+    body = {"dataset_id": dataset_id, "adapter_name": "maxima", "hyperparameters": SCHEMA_MAXIMA}
+    problem = assert_problem(client.post("/jobs", headers=auth, json=body), 422, "plan_over_memory")
+    row = stack.worker_row(worker.pid)
+    assert row is not None and row.info["memory_bytes"] > 0
+    assert problem["limit"] == {
+        "name": "live training workers' memory",
+        "value": row.info["memory_bytes"],
+    }
+    assert problem["plan"]["peak_memory_bytes"] > row.info["memory_bytes"]
+    assert client.get("/jobs", headers=auth).json()["data"] == []
+
+    # A small run is admitted: its job carries the plan it was admitted by.
+    small = submit(
+        client,
+        auth,
+        dataset_id=dataset_id,
+        adapter_name="small",
+        hyperparameters={**FAST, "max_steps": 1},
+    )
+    with stack.session_factory() as session:
+        params = session.get(Job, small["id"]).params  # type: ignore[union-attr]
+    assert 0 < params["planned_peak_memory_bytes"] < row.info["memory_bytes"]
+    wait_status(client, auth, small["id"], {"succeeded"})
+
+    unplanned = stack.settings.model_copy(update={"train_admission": False})
+    with TestClient(create_app(unplanned)) as no_planner:
+        job = submit(no_planner, auth, **body)
+    failed = wait_status(client, auth, job["id"], {"failed"}, timeout=120)
+    assert failed["error"]["code"] == "plan_over_memory", failed
+    assert "lower the resolution" in failed["error"]["message"]

@@ -105,7 +105,10 @@ export async function showJob(page, { signal, args: [id] }) {
         h("code", {}, JSON.stringify(d)),
       ),
     );
-    if (type === "metrics") {
+    if (type === "metrics" && d.evaluation) {
+      // An evaluated step (docs/evaluation.md): its same-seed grid, with the aggregates.
+      samples.append(await evaluationView(d));
+    } else if (type === "metrics") {
       loss.add({ x: d.step, y: d.loss });
       lr.add({ x: d.step, y: d.lr });
       job.progress = d;
@@ -183,6 +186,15 @@ async function refreshCheckpoints(jobId, container, job) {
     return [String(c.step), formatNumber(c.metrics?.loss), formatTime(c.created_at), job.adapter_name ? promote : "–"];
   });
   container.replaceChildren(table(null, ["Step", "Loss", "Saved", "Action"], rows), status);
+}
+
+async function evaluationView(record) {
+  const figure = h("figure", { class: "pair" });
+  const grid = record.grid?.image_id;
+  if (grid) figure.append(h("img", { src: await imageUrl(`/images/${grid}`), alt: `evaluation grid, step ${record.step}` }));
+  const figures = Object.entries(record.evaluation).map(([name, value]) => `${name} ${formatNumber(value)}`);
+  figure.append(h("figcaption", {}, `evaluation, step ${record.step}: ${figures.join(", ")}`));
+  return h("li", {}, figure);
 }
 
 async function sampleView(sample) {

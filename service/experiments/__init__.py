@@ -1,0 +1,1 @@
+"""Experiments: a grid of training runs over hyperparameters, evaluated and compared."""
