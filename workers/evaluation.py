@@ -154,6 +154,12 @@ class JobEvaluation:
         except EvaluationUnavailable as exc:
             self._warn(step, str(exc))
 
+    def evaluate_if_missing(self, step: int, weights: Path) -> None:
+        """Score a checkpoint that has no evaluation record yet (a run resumed from it after
+        its worker was lost mid-evaluation)."""
+        if step not in self.records() and weights.exists():
+            self.evaluate_checkpoint(step, weights)
+
     def _evaluate(self, *, step: int, weights: Path, key: str, checkpoint: bool) -> dict[str, Any]:
         from workers.engine.inference.generation import AdapterRef
         from workers.engine.inference.lora_file import AdapterFormatError

@@ -79,11 +79,13 @@ class SqlCallbacks(NullCallbacks):
         job_id: str,
         tenant_id: str,
         evaluation: JobEvaluation | None = None,
+        output_dir: Path | None = None,
     ) -> None:
         self.rt = rt
         self.job_id = job_id
         self.tenant_id = tenant_id
         self.evaluation = evaluation
+        self.output_dir = output_dir
         self._last_progress = 0.0
         self._last_metrics = 0.0
         self.last: StepProgress | None = None
@@ -188,6 +190,12 @@ class SqlCallbacks(NullCallbacks):
                 level="warning",
                 data={"step": step, "message": f"resumed from checkpoint {step}"},
             )
+        if self.evaluation is not None and self.evaluation.every and self.output_dir is not None:
+            # A worker lost while it evaluated this checkpoint left no record of it: do it now.
+            from workers.engine.training.checkpoints import CHECKPOINT_PREFIX
+
+            folder = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+            self.evaluation.evaluate_if_missing(step, folder / CHECKPOINT_WEIGHTS_NAME)
 
     def should_stop(self) -> bool:
         """Checked before every step: a cancel stops within one step; a lost lease at once."""
@@ -339,12 +347,15 @@ def _train_and_publish(rt: WorkerRuntime, job: LeasedJob) -> None:
         if params.evaluation
         else None
     )
-    callbacks = SqlCallbacks(rt, job_id=job.id, tenant_id=job.tenant_id, evaluation=evaluation)
+    output_dir = rt.store.path(f"jobs/{job.id}")
+    callbacks = SqlCallbacks(
+        rt, job_id=job.id, tenant_id=job.tenant_id, evaluation=evaluation, output_dir=output_dir
+    )
     result = train_lora(
         pipeline_dir=inputs.pipeline_dir,
         items=inputs.items,
         config=config,
-        output_dir=rt.store.path(f"jobs/{job.id}"),
+        output_dir=output_dir,
         callbacks=callbacks,
         device=rt.info.get("device"),
     )

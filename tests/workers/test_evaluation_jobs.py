@@ -248,3 +248,40 @@ def test_evaluation_refusals(
     )
     assert problem["errors"][0]["field"] == field, problem
     assert client.get("/jobs", headers=auth).json()["data"] == []
+
+
+def test_an_evaluation_cut_by_a_lost_worker_is_done_on_resume(
+    client: TestClient, auth: dict[str, str], stack: Stack, worker: subprocess.Popen[bytes]
+) -> None:
+    from tests.conftest import wait_for
+    from tests.workers.test_training_jobs import _holder_pid, _sigkill_worker
+
+    dataset_id = upload_dataset(client, auth, count=4)
+    job = submit(
+        client,
+        auth,
+        dataset_id=dataset_id,
+        adapter_name="evlost",
+        hyperparameters={**HP, "max_steps": 4},
+        # More images than the other tests: seconds of evaluation to be killed in.
+        evaluation={**EVALUATION, "seeds": [0, 1, 2, 3], "num_inference_steps": 8},
+    )
+    wait_for(
+        lambda: any(e["type"] == "checkpoint" for e in events(client, auth, job["id"])),
+        timeout=180,
+        what="the first checkpoint",
+        interval=0.05,
+    )
+    pid = _holder_pid(stack, job["id"])
+    assert pid is not None
+    _sigkill_worker(stack, pid)  # while it evaluates step 2
+    assert 2 not in evaluations(client, auth, job["id"])
+
+    stack.start_worker()  # reaps the lease, resumes from step 2 and evaluates it first
+    done = wait_status(client, auth, job["id"], {"succeeded", "failed"}, timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"]["resumed_from_step"] == 2
+    records = evaluations(client, auth, job["id"])
+    assert set(records) == {2, 4}
+    summary = done["result"]["evaluation"]["checkpoints"]
+    assert [entry["step"] for entry in summary] == [2, 4]
