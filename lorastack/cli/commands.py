@@ -4,6 +4,8 @@ its exit code (``remote.run_command`` maps client errors to exit codes)."""
 from __future__ import annotations
 
 import argparse
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,10 @@ from lorastack.cli.output import (
     EXIT_OK,
     UsageError,
     emit,
+    evaluation_from,
     parse_adapter,
+    parse_axis,
+    parse_grid,
     parse_params,
     split_ref,
 )
@@ -26,6 +31,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"max_steps": 300, "resolution": 512, "rank": 8, "learning_rate": 1e-4},
     "standard": {"max_steps": 1500, "resolution": 512, "rank": 16, "learning_rate": 1e-4},
 }
+
+# Run statuses that have not ended yet.
+ACTIVE = ("queued", "running", "cancel_requested")
 
 
 def cmd_datasets_upload(args: argparse.Namespace, client: Client) -> int:
@@ -59,21 +67,31 @@ def cmd_datasets_delete(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-def cmd_train(args: argparse.Namespace, client: Client) -> int:
+def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     if args.preset and args.preset not in PRESETS:
         raise UsageError(f"--preset {args.preset}: one of {', '.join(PRESETS)}")
-    hyperparameters = {**PRESETS.get(args.preset or "", {}), **parse_params(args.param)}
-    dataset_id = args.dataset
-    if Path(args.dataset).exists():  # a folder or zip: upload it first
-        with display.transfer(f"uploading {args.dataset}", quiet=args.json) as on_progress:
-            dataset_id = client.datasets.upload(
-                args.dataset, name=args.name, on_progress=on_progress
-            ).id
+    return {**PRESETS.get(args.preset or "", {}), **parse_params(args.param)}
+
+
+def _dataset_id(args: argparse.Namespace, client: Client) -> str:
+    """DATASET as given, or the id of the folder/zip it names once uploaded."""
+    if not Path(args.dataset).exists():
+        return str(args.dataset)
+    with display.transfer(f"uploading {args.dataset}", quiet=args.json) as on_progress:
+        return client.datasets.upload(args.dataset, name=args.name, on_progress=on_progress).id
+
+
+def cmd_train(args: argparse.Namespace, client: Client) -> int:
+    hyperparameters = _hyperparameters(args)
+    evaluation = evaluation_from(args)
+    dataset_id = _dataset_id(args, client)
     created = client.jobs.create(
         dataset_id,
         args.name,
         base_model=args.base_model,
         hyperparameters=hyperparameters,
+        evaluation=evaluation,
+        publish=args.publish,
         dry_run=args.dry_run,
     )
     if isinstance(created, models.TrainingPlan) or not args.wait:
@@ -174,6 +192,107 @@ def cmd_generate(args: argparse.Namespace, client: Client) -> int:
             print(f"saved {path} (seed {image.seed})")
 
     emit(args, summary, human)
+    return EXIT_OK
+
+
+def cmd_grid(args: argparse.Namespace, client: Client) -> int:
+    """POST /grids, follow its job when it outlasts the wait, save the labeled PNG."""
+    body: dict[str, Any] = {"x": parse_axis(args.x, "--x")}
+    if args.y:
+        body["y"] = parse_axis(args.y, "--y")
+    options = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "adapter": args.adapter,
+        "weight": args.weight,
+        "seed": args.seed,
+        "num_inference_steps": args.steps,
+        "width": args.width,
+        "height": args.height,
+        "base_model": args.base_model,
+    }
+    body.update({k: v for k, v in options.items() if v is not None})
+    key = f"cli-grid-{uuid.uuid4().hex}"  # resent after the wait: answers the same job
+    answer = client.grid({**body, "wait": 30}, idempotency_key=key)
+    if isinstance(answer, models.Job):
+        if not args.json:
+            display.err(f"grid job {answer.id} queued; following it")
+        job = client.jobs.wait(answer.id, raise_on_failure=False)
+        if job.status != "succeeded":
+            emit(args, job, lambda: display.job(job))
+            return EXIT_JOB_FAILED
+        answer = client.grid({**body, "wait": 30}, idempotency_key=key)
+    grid = answer
+    if not isinstance(grid, models.Grid) or grid.image_id is None:
+        raise UsageError("the grid has no image")  # unreachable: a finished grid has one
+    output = Path(args.output)
+    output.write_bytes(client.image(grid.image_id))
+    summary = {**grid.model_dump(mode="json"), "path": str(output)}
+    emit(args, summary, lambda: print(f"saved {output} ({len(grid.rows)}x{len(grid.columns)})"))
+    return EXIT_OK
+
+
+def cmd_experiments_create(args: argparse.Namespace, client: Client) -> int:
+    body: dict[str, Any] = {
+        "adapter_name": args.name,
+        "grid": parse_grid(args.grid),
+        "hyperparameters": _hyperparameters(args),
+    }
+    evaluation = evaluation_from(args)
+    if evaluation is not None:
+        body["evaluation"] = evaluation
+    if args.publish:
+        body["publish"] = args.publish
+    if args.base_model:
+        body["base_model"] = args.base_model
+    body["dataset_id"] = _dataset_id(args, client)
+    experiment = client.experiments.create(body)
+    if not args.wait:
+        emit(args, experiment, lambda: display.experiment(experiment))
+        return EXIT_OK
+    if not args.json:
+        display.err(
+            f"experiment {experiment.id}: {len(experiment.runs)} runs queued; waiting "
+            "(Ctrl-C detaches; the runs go on)"
+        )
+    seen = experiment.status
+    try:
+        while experiment.status in ("queued", "running"):
+            time.sleep(args.poll)
+            experiment = client.experiments.get(experiment.id)
+            if experiment.status != seen and not args.json:
+                done = sum(r.status not in ACTIVE for r in experiment.runs)
+                display.err(f"{experiment.id} {experiment.status}: {done}/{len(experiment.runs)}")
+                seen = experiment.status
+    except KeyboardInterrupt:
+        display.err(f"detached; see it with: lorastack experiments show {experiment.id}")
+        return EXIT_INTERRUPTED
+    emit(args, experiment, lambda: display.experiment(experiment))
+    return EXIT_OK if experiment.status == "succeeded" else EXIT_JOB_FAILED
+
+
+def cmd_experiments_list(args: argparse.Namespace, client: Client) -> int:
+    page = client.experiments.list(limit=args.limit, after=args.after)
+    emit(args, page, lambda: display.experiments(page.data))
+    return EXIT_OK
+
+
+def cmd_experiments_show(args: argparse.Namespace, client: Client) -> int:
+    experiment = client.experiments.get(args.experiment_id)
+    emit(args, experiment, lambda: display.experiment(experiment))
+    return EXIT_OK
+
+
+def cmd_experiments_report(args: argparse.Namespace, client: Client) -> int:
+    text = client.experiments.report(args.experiment_id, format=args.format)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        info = {"path": args.output, "format": args.format, "bytes": len(text.encode())}
+        emit(args, info, lambda: print(f"saved {args.output}"))
+    elif args.json:
+        emit(args, {"format": args.format, "report": text}, lambda: None)
+    else:
+        print(text, end="")
     return EXIT_OK
 
 

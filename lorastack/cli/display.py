@@ -346,6 +346,71 @@ def version(v: models.AdapterVersion) -> None:
     )
 
 
+def experiments(rows: Sequence[models.Experiment]) -> None:
+    _table(
+        ["ID", "PREFIX", "STATUS", "RUNS", "GRID", "BEST RUN", "CREATED"],
+        [
+            (
+                e.id,
+                e.adapter_name,
+                e.status,
+                len(e.runs),
+                " ".join(f"{k}={','.join(map(str, v))}" for k, v in e.grid.items()),
+                e.best_run,
+                f"{e.created_at:%Y-%m-%d %H:%M}",
+            )
+            for e in rows
+        ],
+    )
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def experiment(e: models.Experiment) -> None:
+    select = f"{e.select['metric']} ({e.select['mode']})" if e.select else None
+    _record(
+        [
+            ("id", e.id),
+            ("status", e.status),
+            ("dataset", e.dataset_id),
+            ("base model", e.base_model),
+            ("adapters", f"{e.adapter_name}-<run>"),
+            ("select", select),
+            ("best run", e.best_run),
+        ]
+    )
+    out.print()
+    grid_names = list(e.grid)
+    metric_names = sorted({name for run in e.runs for name in run.metrics})
+    _table(
+        [
+            "RUN",
+            "ADAPTER",
+            *(name.upper() for name in grid_names),
+            "STATUS",
+            "LOSS",
+            "BEST STEP",
+            *(name.upper() for name in metric_names),
+            "BEST",
+        ],
+        [
+            (
+                r.index,
+                r.adapter_name,
+                *(r.parameters.get(name) for name in grid_names),
+                r.status,
+                _number(r.final_loss),
+                r.best_step,
+                *(_number(r.metrics.get(name)) for name in metric_names),
+                "*" if r.index == e.best_run else "",
+            )
+            for r in e.runs
+        ],
+    )
+
+
 def workers(rows: Sequence[models.WorkerInfo]) -> None:
     _table(
         ["ID", "QUEUES", "BASE MODEL", "DEVICE", "CURRENT JOB", "HEARTBEAT"],

@@ -29,7 +29,12 @@ from lorastack.cli.commands import (
     cmd_datasets_list,
     cmd_datasets_show,
     cmd_datasets_upload,
+    cmd_experiments_create,
+    cmd_experiments_list,
+    cmd_experiments_report,
+    cmd_experiments_show,
     cmd_generate,
+    cmd_grid,
     cmd_jobs_cancel,
     cmd_jobs_list,
     cmd_jobs_logs,
@@ -170,6 +175,8 @@ def register(subparsers: Any) -> None:
     _register_train(subparsers, common)
     _register_jobs(subparsers, common)
     _register_generate(subparsers, common)
+    _register_grid(subparsers, common)
+    _register_experiments(subparsers, common)
     _register_adapters(subparsers, common)
     _register_workers(subparsers, common)
 
@@ -241,6 +248,14 @@ def _register_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("dataset", metavar="DATASET", help="a dataset id, or a folder/zip to upload")
     p.add_argument("--name", required=True, help="the adapter to train (new or existing)")
+    _hyperparameter_arguments(p)
+    p.add_argument("--base-model", help="a configured base model (default: the server's first)")
+    _evaluation_arguments(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan without queuing")
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+
+
+def _hyperparameter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help=f"hyperparameter preset: {', '.join(PRESETS)}")
     p.add_argument(
         "-p",
@@ -250,9 +265,46 @@ def _register_train(subparsers: Any, common: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a hyperparameter (repeatable), e.g. -p max_steps=200 -p learning_rate=1e-4",
     )
-    p.add_argument("--base-model", help="a configured base model (default: the server's first)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan without queuing")
-    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+
+
+def _evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``evaluation`` object and ``publish`` (docs/evaluation.md)."""
+    group = p.add_argument_group("evaluation (scores every checkpoint, base vs LoRA)")
+    group.add_argument(
+        "--eval-prompt",
+        action="append",
+        default=[],
+        metavar="PROMPT",
+        help="an evaluation prompt (repeatable); without one nothing is evaluated",
+    )
+    group.add_argument(
+        "--control-prompt",
+        action="append",
+        default=[],
+        metavar="PROMPT",
+        help="a prompt the adapter should leave alone (repeatable): measures leakage",
+    )
+    group.add_argument(
+        "--eval-seed",
+        action="append",
+        default=[],
+        type=int,
+        metavar="SEED",
+        help="a seed every checkpoint renders the prompts with (repeatable)",
+    )
+    group.add_argument(
+        "--eval-steps", type=int, metavar="N", help="inference steps of the evaluation images"
+    )
+    group.add_argument(
+        "--select",
+        metavar="METRIC:max|min",
+        help="how the best checkpoint is picked (default clip_score:max)",
+    )
+    group.add_argument(
+        "--publish",
+        choices=["final", "best"],
+        help="which checkpoint becomes the new version (best needs an evaluation)",
+    )
 
 
 def _register_jobs(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -321,7 +373,8 @@ def _register_generate(subparsers: Any, common: argparse.ArgumentParser) -> None
         action="append",
         default=[],
         metavar="NAME[@REF][:WEIGHT]",
-        help="an adapter (repeatable): squares, squares@3, squares@prod:0.8",
+        help="an adapter (repeatable): squares, squares@3, squares@prod:0.8, "
+        "squares@ckpt:400:0.8 (a checkpoint), job_0123@ckpt:400",
     )
     p.add_argument("-n", type=int, help="number of images (several: out-0.png, out-1.png, ...)")
     p.add_argument("--seed", type=int)
@@ -331,6 +384,96 @@ def _register_generate(subparsers: Any, common: argparse.ArgumentParser) -> None
     p.add_argument("--negative-prompt")
     p.add_argument("--base-model")
     p.add_argument("-o", "--output", required=True, help="where to save the PNG")
+
+
+def _register_grid(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = _add(
+        subparsers,
+        "grid",
+        cmd_grid,
+        help="render a labeled X/Y grid over prompts, seeds, adapter refs or weights as one PNG",
+        example="lorastack grid --x adapter=none,squares@ckpt:200,squares@best --y seed=1,2 "
+        '--prompt "a red square" -o grid.png',
+        common=common,
+    )
+    axis_help = "KIND=v1,v2,... with KIND prompt, seed, adapter (none = the base model) or weight"
+    p.add_argument("--x", required=True, metavar="KIND=VALUES", help=f"the columns: {axis_help}")
+    p.add_argument("--y", metavar="KIND=VALUES", help="the rows, another KIND")
+    p.add_argument("--prompt", help="every cell's prompt, unless an axis is prompt")
+    p.add_argument(
+        "--adapter", metavar="NAME[@REF]", help="every cell's adapter, unless an axis is"
+    )
+    p.add_argument("--weight", type=float, help="its weight, unless an axis is weight")
+    p.add_argument("--seed", type=int, help="every cell's seed, unless an axis is seed")
+    p.add_argument("--steps", type=int, help="inference steps")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--base-model")
+    p.add_argument("-o", "--output", required=True, help="where to save the PNG")
+
+
+def _register_experiments(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    experiments = _group(
+        subparsers,
+        "experiments",
+        help="run a grid of training runs and compare them (create, list, show, report)",
+        example="lorastack experiments create ds_0123 --name sq --grid rank=8,32 "
+        '--eval-prompt "a red square" --wait',
+    )
+    p = _add(
+        experiments,
+        "create",
+        cmd_experiments_create,
+        help="queue one training run per combination of the grid's values",
+        example="lorastack experiments create ./squares --name sq --grid rank=8,32 "
+        '--grid learning_rate=1e-4,1e-3 --eval-prompt "a red square" --select clip_score:max',
+        common=common,
+    )
+    p.add_argument("dataset", metavar="DATASET", help="a dataset id, or a folder/zip to upload")
+    p.add_argument("--name", required=True, help="the prefix: run i trains PREFIX-i")
+    p.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a hyperparameter and its values (repeatable): one run per combination",
+    )
+    _hyperparameter_arguments(p)
+    p.add_argument("--base-model", help="a configured base model (default: the server's first)")
+    _evaluation_arguments(p)
+    p.add_argument("--wait", action="store_true", help="wait until every run has ended")
+    p.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    p = _add(
+        experiments,
+        "list",
+        cmd_experiments_list,
+        help="list experiments, newest first",
+        example="lorastack experiments list --json",
+        common=common,
+    )
+    p.add_argument("--limit", type=int)
+    p.add_argument("--after", metavar="ID", help="the page after this experiment id")
+    p = _add(
+        experiments,
+        "show",
+        cmd_experiments_show,
+        help="show an experiment: its runs, their metrics, the best run",
+        example="lorastack experiments show exp_0123",
+        common=common,
+    )
+    p.add_argument("experiment_id", metavar="ID")
+    p = _add(
+        experiments,
+        "report",
+        cmd_experiments_report,
+        help="print or save the comparison table as Markdown or CSV",
+        example="lorastack experiments report exp_0123 --format csv -o runs.csv",
+        common=common,
+    )
+    p.add_argument("experiment_id", metavar="ID")
+    p.add_argument("--format", choices=["md", "csv"], default="md")
+    p.add_argument("-o", "--output", help="save to this file instead of printing")
 
 
 def _register_adapters(subparsers: Any, common: argparse.ArgumentParser) -> None:

@@ -338,6 +338,10 @@ def create_experiment(
     )
 
 
+def list_experiments(*, limit: int | None, after: str | None) -> Call[models.ExperimentList]:
+    return Call("GET", "/experiments", model(models.ExperimentList), params=paging(limit, after))
+
+
 def get_experiment(experiment_id: str) -> Call[models.Experiment]:
     return Call("GET", f"/experiments/{segment(experiment_id)}", model(models.Experiment))
 

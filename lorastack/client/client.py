@@ -308,6 +308,10 @@ class Experiments:
         )
         return self._t.send(calls.create_experiment(request, idempotency_key=idempotency_key))
 
+    def list(self, *, limit: int | None = None, after: str | None = None) -> models.ExperimentList:
+        """The caller's experiments, newest first; ``after``: the last id of the page before."""
+        return self._t.send(calls.list_experiments(limit=limit, after=after))
+
     def get(self, experiment_id: str) -> models.Experiment:
         return self._t.send(calls.get_experiment(experiment_id))
 

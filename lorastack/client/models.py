@@ -491,6 +491,13 @@ class Experiment(Response):
     created_at: datetime
 
 
+class ExperimentList(Response):
+    __schema_name__ = "ExperimentList"
+
+    data: list[Experiment]
+    has_more: bool
+
+
 # -- workers ----------------------------------------------------------------------------------
 
 
@@ -520,6 +527,7 @@ ALL_MODELS: tuple[type[Response] | type[Request], ...] = (
     ExperimentCreate,
     ExperimentRun,
     Experiment,
+    ExperimentList,
     GridAxis,
     GridCreate,
     Grid,

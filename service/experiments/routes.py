@@ -7,12 +7,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import AppSettings, Caller, UoW
-from service.experiments.schemas import ExperimentCreate, ExperimentOut
+from service.deps import AppSettings, Caller, Paging, UoW
+from service.experiments.schemas import ExperimentCreate, ExperimentList, ExperimentOut
 from service.experiments.service import (
     create_experiment,
     experiment_view,
+    experiment_views,
     get_experiment,
+    list_experiments,
     report_csv,
     report_markdown,
 )
@@ -25,6 +27,15 @@ router = APIRouter(
     route_class=StrictInputRoute,
     responses=problem_responses(*COMMON_ERRORS),
 )
+
+
+@router.get("/experiments", operation_id="list_experiments", response_model=ExperimentList)
+def list_experiments_route(uow: UoW, caller: Caller, page: Paging) -> ExperimentList:
+    """The caller's experiments, newest first; page on with ``after`` (the last id seen)."""
+    rows, has_more = list_experiments(
+        uow.session, tenant_id=caller.tenant_id, limit=page.limit, after=page.after
+    )
+    return ExperimentList(data=experiment_views(uow.session, rows), has_more=has_more)
 
 
 @router.post(

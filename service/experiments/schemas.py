@@ -75,3 +75,8 @@ class ExperimentOut(BaseModel):
     runs: list[ExperimentRun]
     best_run: int | None = Field(None, description="index of the best run by select")
     created_at: datetime
+
+
+class ExperimentList(BaseModel):
+    data: list[ExperimentOut]
+    has_more: bool

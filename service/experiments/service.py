@@ -6,6 +6,7 @@ import csv
 import functools
 import io
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -132,12 +133,36 @@ def get_experiment(session: Session, *, tenant_id: str, experiment_id: str) -> E
     return experiment
 
 
+def list_experiments(
+    session: Session, *, tenant_id: str, limit: int, after: str | None
+) -> tuple[Sequence[Experiment], bool]:
+    """The tenant's experiments, newest first (ids sort by creation), one page of them."""
+    query = select(Experiment).where(Experiment.tenant_id == tenant_id)
+    if after:
+        query = query.where(Experiment.id < after)
+    rows = session.scalars(query.order_by(Experiment.id.desc()).limit(limit + 1)).all()
+    return rows[:limit], len(rows) > limit
+
+
+def experiment_views(session: Session, experiments: Sequence[Experiment]) -> list[ExperimentOut]:
+    """Every experiment's view, reading all their runs' jobs in one query."""
+    ids = [experiment.id for experiment in experiments]
+    jobs: dict[str, list[Job]] = {experiment_id: [] for experiment_id in ids}
+    if ids:
+        for job in session.scalars(select(Job).where(Job.experiment_id.in_(ids))):
+            jobs[str(job.experiment_id)].append(job)
+    return [_view(experiment, jobs[experiment.id]) for experiment in experiments]
+
+
 def experiment_view(session: Session, experiment: Experiment) -> ExperimentOut:
     """The experiment with one row per run, read from its training jobs."""
-    jobs = {
-        job.adapter_name: job
-        for job in session.scalars(select(Job).where(Job.experiment_id == experiment.id))
-    }
+    return _view(
+        experiment, list(session.scalars(select(Job).where(Job.experiment_id == experiment.id)))
+    )
+
+
+def _view(experiment: Experiment, run_jobs: list[Job]) -> ExperimentOut:
+    jobs = {job.adapter_name: job for job in run_jobs}
     runs = [
         _run_row(entry, jobs[entry["adapter_name"]])
         for entry in experiment.params["runs"]

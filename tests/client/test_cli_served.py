@@ -3,6 +3,7 @@ output, `--json`, exit codes, login, and Ctrl-C while following a job."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from lorastack import Client
+from lorastack import AsyncClient, Client
 from lorastack.client import models
 from tests.client.served import Served, dataset_folder, serve
 from tests.conftest import wait_for
@@ -160,6 +161,83 @@ def test_exit_codes(env: dict[str, str]) -> None:
     for command in (["train", "-h"], ["jobs", "-h"], ["jobs", "logs", "-h"], ["login", "-h"]):
         helped = lorastack(*command, env=env)
         assert helped.returncode == 0 and "example:" in helped.stdout, command
+
+
+def test_experiments_grids_and_checkpoint_refs_with_the_cli(
+    env: dict[str, str], served: Served, tmp_path: Path
+) -> None:
+    # The evaluation flags reach the server (its refusals) or are refused here (exit 2).
+    best_alone = lorastack("train", "ds_nope", "--name", "x", "--publish", "best", env=env)
+    assert best_alone.returncode == 4 and "publish" in best_alone.stderr
+    unknown = lorastack(
+        "train", "ds_nope", "--name", "x", "--eval-prompt", "a", "--select", "beauty:max", env=env
+    )
+    assert unknown.returncode == 4 and "select" in unknown.stderr
+    for usage in (
+        ["train", "ds_x", "--name", "x", "--eval-prompt", "a", "--select", "clip_score"],
+        ["train", "ds_x", "--name", "x", "--control-prompt", "a tree"],
+        ["experiments", "create", "ds_x", "--name", "x", "--grid", "rank"],
+        ["grid", "--x", "colour=red", "--prompt", "a", "-o", str(tmp_path / "g.png")],
+    ):
+        refused = lorastack(*usage, env=env)
+        assert refused.returncode == 2, (usage, refused.stderr)
+
+    experiment = ok_json(
+        "experiments", "create", str(dataset_folder(tmp_path / "exp")), "--name", "cx",
+        "--grid", "rank=2,4", "-p", "max_steps=4", "-p", "checkpoint_every=2",
+        "-p", "resolution=32", "-p", "learning_rate=1e-3",
+        "--eval-prompt", "a red square", "--control-prompt", "a tree", "--eval-seed", "0",
+        "--eval-steps", "1", "--select", "clip_score:min", "--publish", "best",
+        "--wait", "--poll", "0.5", env=env,
+    )  # fmt: skip
+    assert experiment["status"] == "succeeded", experiment
+    assert [r["parameters"] for r in experiment["runs"]] == [{"rank": 2}, {"rank": 4}]
+    assert experiment["select"] == {"metric": "clip_score", "mode": "min"}
+    scores = [r["metrics"]["clip_score"] for r in experiment["runs"]]
+    assert experiment["best_run"] == 1 + scores.index(min(scores))
+    listed = ok_json("experiments", "list", "--limit", "1", env=env)
+    assert [e["id"] for e in listed["data"]] == [experiment["id"]]
+    with Client(served.url, served.api_key) as client:
+        assert client.experiments.list(after=experiment["id"]).data == []
+
+    async def list_async() -> models.ExperimentList:
+        async with AsyncClient(served.url, served.api_key) as aclient:
+            return await aclient.experiments.list(limit=5)
+
+    assert [e.id for e in asyncio.run(list_async()).data] == [experiment["id"]]
+    shown = lorastack("experiments", "show", experiment["id"], env=env)
+    assert shown.returncode == 0 and "cx-2" in shown.stdout and "CLIP_SCORE" in shown.stdout
+    report = tmp_path / "runs.csv"
+    saved = ok_json("experiments", "report", experiment["id"], "--format", "csv", "-o",
+                    str(report), env=env)  # fmt: skip
+    assert saved["path"] == str(report)
+    rows = report.read_text().splitlines()
+    assert rows[0].startswith("run,adapter,rank,status") and len(rows) == 3
+    markdown = lorastack("experiments", "report", experiment["id"], env=env)
+    assert markdown.returncode == 0 and "Best run:" in markdown.stdout
+
+    # Checkpoint refs: a weight after `ckpt:<step>`, by adapter name or by job id.
+    run = experiment["runs"][0]
+    for ref in (f"{run['adapter_name']}@ckpt:2:0.5", f"{run['job_id']}@ckpt:4"):
+        out = tmp_path / "ckpt.png"
+        generated = ok_json(
+            "generate", "a red square", "--adapter", ref, "--steps", "1", "--width", "32",
+            "--height", "32", "--seed", "1", "-o", str(out), env=env,
+        )  # fmt: skip
+        assert out.read_bytes().startswith(PNG)
+        assert generated["adapters"][0]["weight"] == (0.5 if ref.endswith(":0.5") else 1.0)
+
+    grid_png = tmp_path / "grid.png"
+    grid = ok_json(
+        "grid", "--x", f"adapter=none,{run['adapter_name']}@ckpt:2,{run['adapter_name']}@best",
+        "--y", "seed=1,2", "--prompt", "a red square", "--steps", "1", "--width", "32",
+        "--height", "32", "-o", str(grid_png), env=env,
+    )  # fmt: skip
+    assert grid["status"] == "succeeded" and grid["path"] == str(grid_png)
+    name = run["adapter_name"]
+    assert grid["columns"] == ["base", f"{name}@ckpt:2", f"{name}@best"]
+    assert grid["rows"] == ["seed 1", "seed 2"]
+    assert grid_png.read_bytes().startswith(PNG)
 
 
 def _interruptible() -> None:

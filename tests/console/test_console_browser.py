@@ -237,6 +237,7 @@ def test_an_evaluated_job_shows_its_grids(console: Console, screenshots: Path) -
     created = httpx.post(
         f"{served.base}/jobs",
         headers=headers,
+        timeout=120,  # POST /jobs plans the run in a child process that imports torch
         json={
             "dataset_id": dataset["id"],
             "adapter_name": "squares-eval",
@@ -264,6 +265,108 @@ def test_an_evaluated_job_shows_its_grids(console: Console, screenshots: Path) -
         ".length === 2"
     )
     assert int(page.get_by_test_id("loss-chart").get_attribute("data-points") or 0) >= 2
+
+
+def test_checkpoint_metrics_best_version_and_a_grid(console: Console, screenshots: Path) -> None:
+    """The evaluated job's metric table (base vs LoRA CLIP score, the best step), a checkpoint
+    ref taken to the playground, an X/Y grid over it, and the adapter's best version."""
+    served = console.served
+    headers = {"Authorization": f"Bearer {served.key}"}
+    jobs = httpx.get(f"{served.base}/jobs?kind=train", headers=headers).json()["data"]
+    job = next(j for j in jobs if j["adapter_name"] == "squares-eval")
+    best = job["result"]["evaluation"]["best_step"]
+    page = console.page
+    page.goto(f"{served.base}/console#/jobs/{job['id']}")
+    table = page.get_by_test_id("evaluation-table")
+    table.locator("tbody tr").nth(1).wait_for()
+    headings = table.locator("th").all_inner_texts()
+    assert "CLIP score (LoRA)" in headings and "CLIP score (base)" in headings
+    rows = {r.split("\t")[0]: r for r in table.locator("tbody tr").all_inner_texts()}
+    assert set(rows) == {"2", "4"} and "best" in rows[str(best)]
+    assert "best" not in rows[str(6 - best)]
+    page.get_by_role("row", name="squares-eval@ckpt:2").get_by_role(
+        "link", name="Use in the playground"
+    ).click()
+    page.get_by_role("heading", name="Playground").wait_for()
+    assert page.get_by_label("Weight of squares-eval@ckpt:2").count() == 1
+
+    # The X/Y grid: the base model and the checkpoint, by two seeds.
+    page.get_by_label("Steps", exact=True).fill("1")
+    grid = page.get_by_test_id("grid-form")
+    grid.get_by_label("X axis (columns)").select_option("adapter")
+    assert grid.get_by_label("X values").input_value() == "none\nsquares-eval@ckpt:2"
+    grid.get_by_label("Y axis (rows)").select_option("seed")
+    grid.get_by_label("Y values").fill("1\n2")
+    grid.get_by_role("button", name="Render grid").click()
+    image = grid.get_by_test_id("grid-image")
+    image.wait_for(timeout=120_000)
+    assert image.get_attribute("alt") == "grid: base, squares-eval@ckpt:2 by seed 1, seed 2"
+    page.wait_for_function("document.querySelector('[data-testid=grid-image]').naturalWidth > 0")
+    grid.get_by_label("Y values").fill("1\nmany")
+    grid.get_by_role("button", name="Render grid").click()
+    grid.get_by_text("seed: many is not a whole number").wait_for()
+    page.screenshot(path=screenshots / "console-grid.png", full_page=True)
+
+    page.goto(f"{served.base}/console#/adapters/squares-eval")
+    adapter = httpx.get(f"{served.base}/adapters/squares-eval", headers=headers).json()
+    best_version = adapter["aliases"]["best"]
+    assert page.get_by_test_id("best-version").inner_text().startswith(f"v{best_version}")
+    version = page.get_by_role("article", name=f"Version {best_version}")
+    assert version.locator(".tag.best").inner_text() == "best"
+    assert "clip_score_base" in version.get_by_role("table", name="Metrics").inner_text()
+
+
+def test_an_experiment_from_the_console(
+    console: Console, screenshots: Path, tmp_path: Path
+) -> None:
+    page = console.page
+    page.get_by_role("navigation").get_by_role("link", name="Experiments").click()
+    form = page.get_by_test_id("experiment-form")
+    form.wait_for()
+    form.get_by_label("Adapter prefix").fill("sx")
+    form.get_by_label("Values (comma-separated)").fill("2, 4")
+    form.locator("summary").click()
+    form.get_by_label("Max Steps").fill("2")
+    form.get_by_label("Resolution").fill("64")
+    evaluation = form.get_by_test_id("evaluation")
+    # Defaults and limits of the evaluation come from the API's schema.
+    assert evaluation.get_by_label("Num Inference Steps").get_attribute("placeholder") == "20"
+    assert evaluation.get_by_label("Num Inference Steps").get_attribute("max") == "150"
+    evaluation.get_by_label("Prompts", exact=True).fill("a red square")
+    evaluation.get_by_label("Seeds").fill("0")
+    evaluation.get_by_label("Num Inference Steps").fill("1")
+    evaluation.get_by_label("Select: Mode").select_option("min")
+    form.get_by_role("button", name="Start experiment").click()
+
+    page.get_by_test_id("experiment-status").filter(has_text="succeeded").wait_for(timeout=240_000)
+    assert "clip_score (min)" in page.locator("dl.facts").inner_text()  # the form's select
+    runs = page.get_by_test_id("runs")
+    runs.locator("tr.best-run").wait_for()
+    assert runs.locator("tbody tr").count() == 2
+    order = lambda: runs.locator("tbody tr").evaluate_all(  # noqa: E731
+        "(rows) => rows.map((r) => r.dataset.run)"
+    )
+    assert order() == ["1", "2"]
+    runs.get_by_role("button", name="Run").click()  # already ascending: now descending
+    assert order() == ["2", "1"]
+    runs.get_by_role("button", name="CLIP score (LoRA)").click()
+    scores = runs.locator("tbody tr").evaluate_all("(rows) => rows.map((r) => r.dataset.run)")
+    assert runs.locator("th[aria-sort=ascending]").inner_text().startswith("CLIP score (LoRA)")
+    best_row = runs.locator("tr.best-run").get_attribute("data-run")
+    assert scores[0] == best_row  # best by clip_score (min): first in ascending order
+    for fmt in ("md", "csv"):
+        with page.expect_download() as download_info:
+            page.locator(f"button[data-format={fmt}]").click()
+        target = tmp_path / f"report.{fmt}"
+        download_info.value.save_as(target)
+        text = target.read_text()
+        assert "sx-1" in text and "sx-2" in text
+    assert target.read_text().startswith("run,adapter,rank,")
+    page.screenshot(path=screenshots / "console-experiment.png", full_page=True)
+    page.get_by_role("navigation").get_by_role("link", name="Experiments").click()
+    listed = page.get_by_test_id("experiments")
+    listed.wait_for()
+    assert "sx" in listed.inner_text() and f"run {best_row}" in listed.inner_text()
 
 
 def test_find_the_adapter_and_download_both_formats(
@@ -333,7 +436,7 @@ def test_workers_page_and_narrow_layout(console: Console, screenshots: Path) -> 
     page.get_by_role("table", name="Live workers").wait_for()
     page.screenshot(path=screenshots / "console-workers.png", full_page=True)
     page.set_viewport_size(NARROW)
-    for hash_ in ("#/datasets", "#/train", "#/playground", "#/jobs"):
+    for hash_ in ("#/datasets", "#/train", "#/playground", "#/jobs", "#/experiments"):
         page.goto(f"{console.served.base}/console{hash_}")
         page.locator("main h1").first.wait_for()
         page.wait_for_load_state("networkidle")

@@ -125,6 +125,33 @@ def test_experiment_refusals(
     assert_problem(client.get("/experiments/exp_nope", headers=auth), 404, "not_found")
 
 
+def test_experiment_list_pages_newest_first_per_tenant(
+    client: TestClient, auth: dict[str, str], other_auth: dict[str, str], stack: Stack
+) -> None:
+    dataset_id = upload_dataset(client, auth, count=2)
+    created = []
+    for index in range(3):
+        body = {
+            "dataset_id": dataset_id,
+            "adapter_name": f"list{index}",
+            "hyperparameters": {**FAST, "max_steps": 1},
+            "grid": {"rank": [2]},
+        }
+        response = client.post("/experiments", headers=auth, json=body)
+        assert response.status_code == 201, response.text
+        created.append(response.json())
+    first = client.get("/experiments?limit=2", headers=auth).json()
+    assert [e["id"] for e in first["data"]] == [created[2]["id"], created[1]["id"]]
+    assert first["has_more"] is True
+    assert first["data"][0]["runs"][0]["adapter_name"] == "list2-1"
+    assert first["data"][0]["grid"] == {"rank": [2]}
+    rest = client.get(f"/experiments?limit=2&after={created[1]['id']}", headers=auth).json()
+    assert [e["id"] for e in rest["data"]] == [created[0]["id"]]
+    assert rest["has_more"] is False
+    assert client.get("/experiments", headers=other_auth).json() == {"data": [], "has_more": False}
+    assert_problem(client.get("/experiments?limit=0", headers=auth), 422, "validation_error")
+
+
 @pytest.mark.parametrize("name", ["rank_8_vs_32.json", "unet_vs_text_encoder.json"])
 def test_example_requests_are_valid(name: str) -> None:
     body = json.loads(Path(REPO, "examples", "experiments", name).read_text())

@@ -11,6 +11,8 @@ const ROUTES = [
   [/^#\/jobs$/, () => import("./pages/job.js"), "showJobs"],
   [/^#\/adapters\/([^/]+)$/, () => import("./pages/adapters.js"), "showAdapter"],
   [/^#\/adapters$/, () => import("./pages/adapters.js"), "showAdapters"],
+  [/^#\/experiments\/([^/]+)$/, () => import("./pages/experiments.js"), "showExperiment"],
+  [/^#\/experiments$/, () => import("./pages/experiments.js"), "showExperiments"],
   [/^#\/playground$/, () => import("./pages/playground.js"), "showPlayground"],
   [/^#\/workers$/, () => import("./pages/workers.js"), "showWorkers"],
 ];

@@ -12,7 +12,8 @@ export function resolveRef(openapi, schema) {
 /**
  * One field description per property of a component schema:
  * {name, label, kind: integer|number|boolean|enum|text|list|choice-or-list, nullable,
- *  default, min, max, exclusiveMin, exclusiveMax, step, options, description}.
+ *  default, min, max, exclusiveMin, exclusiveMax, step, options, description; for lists
+ *  minItems, maxItems, itemKind (string|integer|number|enum) and itemOptions}.
  */
 export function fieldsFromSchema(openapi, componentName) {
   const schema = openapi.components.schemas[componentName];
@@ -47,6 +48,10 @@ function describeField(name, prop, openapi) {
   } else if (main.type === "array") {
     field.kind = "list";
     field.maxItems = main.maxItems ?? null;
+    field.minItems = main.minItems ?? null;
+    const items = resolveRef(openapi, main.items) || {};
+    field.itemKind = Array.isArray(items.enum) ? "enum" : items.type || "string";
+    field.itemOptions = Array.isArray(items.enum) ? items.enum : null;
   } else if (main.type === "integer" || main.type === "number") {
     field.kind = main.type;
     field.min = main.minimum ?? null;
@@ -86,8 +91,12 @@ export function parseFieldValue(field, raw) {
       return Number.parseInt(text, 10);
     case "number":
       return Number(text);
-    case "list":
-      return text.split("\n").map((s) => s.trim()).filter(Boolean);
+    case "list": {
+      const items = text.split("\n").map((s) => s.trim()).filter(Boolean);
+      if (field.itemKind === "integer") return items.map((s) => (/^-?\d+$/.test(s) ? Number(s) : s));
+      if (field.itemKind === "number") return items.map((s) => (Number.isFinite(Number(s)) ? Number(s) : s));
+      return items;
+    }
     case "choice-or-list":
       return field.options.includes(text) ? text : text.split(",").map((s) => s.trim()).filter(Boolean);
     default:

@@ -16,6 +16,8 @@ const openapi = {
           flip: { type: "boolean", default: false },
           scheduler: { $ref: "#/components/schemas/Lr", default: "constant" },
           prompts: { type: "array", items: { type: "string" }, maxItems: 16 },
+          seeds: { type: "array", items: { type: "integer", minimum: 0 }, minItems: 1, maxItems: 8 },
+          metrics: { type: "array", items: { type: "string", enum: ["clip_score", "leakage"] } },
           targets: {
             anyOf: [{ type: "string", enum: ["attn", "cross-attn-qkv"] }, { type: "array", items: { type: "string" } }],
             default: "attn",
@@ -40,6 +42,11 @@ test("fields carry kinds, defaults and limits from the schema", () => {
   assert.deepEqual(fields.scheduler.options, ["constant", "cosine"]);
   assert.equal(fields.prompts.kind, "list");
   assert.equal(fields.prompts.maxItems, 16);
+  assert.equal(fields.prompts.itemKind, "string");
+  assert.equal(fields.seeds.itemKind, "integer");
+  assert.equal(fields.seeds.minItems, 1);
+  assert.equal(fields.metrics.itemKind, "enum");
+  assert.deepEqual(fields.metrics.itemOptions, ["clip_score", "leakage"]);
   assert.equal(fields.targets.kind, "choice-or-list");
 });
 
@@ -50,6 +57,8 @@ test("parseFieldValue leaves empty inputs to the API's defaults", () => {
   assert.equal(parseFieldValue(fields.learning_rate, "1e-3"), 0.001);
   assert.equal(parseFieldValue(fields.flip, true), true);
   assert.deepEqual(parseFieldValue(fields.prompts, "a fox\n\n a cat "), ["a fox", "a cat"]);
+  // Integer items become numbers; anything else is left for the API to refuse.
+  assert.deepEqual(parseFieldValue(fields.seeds, "0\n 7 \nx"), [0, 7, "x"]);
   assert.equal(parseFieldValue(fields.targets, "attn"), "attn");
   assert.deepEqual(parseFieldValue(fields.targets, "to_q, to_v"), ["to_q", "to_v"]);
 });

@@ -2,6 +2,7 @@
 
 import { api, download } from "../api.js";
 import { facts, h, labelled, notice, table } from "../dom.js";
+import { metricColumns } from "../evaluation.js";
 import { formatBytes, formatNumber, formatTime } from "../format.js";
 
 export async function showAdapters(page) {
@@ -14,12 +15,13 @@ export async function showAdapters(page) {
       list.data.length
         ? table(
             `${list.data.length}${list.has_more ? "+" : ""} adapters`,
-            ["Name", "Base model", "Versions", "Latest", "Aliases", "Created"],
+            ["Name", "Base model", "Versions", "Latest", "Best", "Aliases", "Created"],
             list.data.map((a) => [
               h("a", { href: `#/adapters/${encodeURIComponent(a.name)}` }, a.name),
               a.base_model,
               String(a.version_count),
               a.latest_version === null ? "–" : `v${a.latest_version}`,
+              a.aliases.best === undefined ? "–" : `v${a.aliases.best}`,
               Object.entries(a.aliases).map(([alias, v]) => `${alias}→v${v}`).join(", ") || "–",
               formatTime(a.created_at),
             ]),
@@ -101,6 +103,12 @@ export async function showAdapter(page, { args: [name] }) {
       ["Base model", adapter.base_model],
       ["Versions", String(adapter.version_count)],
       ["Latest", adapter.latest_version === null ? "–" : `v${adapter.latest_version}`],
+      [
+        "Best (by evaluation)",
+        adapter.aliases.best === undefined
+          ? "–"
+          : h("span", { "data-testid": "best-version" }, `v${adapter.aliases.best} (${adapter.name}@best)`),
+      ],
       ["Created", formatTime(adapter.created_at)],
     ]),
     status,
@@ -125,11 +133,11 @@ function versionView(adapter, version, status) {
     return b;
   };
   const lineage = Object.entries(version.lineage || {});
-  const metrics = Object.entries(version.metrics || {});
+  const metrics = metricRows(version.metrics || {});
   return h(
     "article",
     { class: "card version", "aria-label": `Version ${version.version}` },
-    h("h3", {}, `v${version.version} `, version.aliases.map((a) => h("span", { class: "tag" }, a))),
+    h("h3", {}, `v${version.version} `, version.aliases.map((a) => h("span", { class: a === "best" ? "tag best" : "tag" }, a))),
     facts([
       ["Ref", h("code", {}, version.ref)],
       ["Source", version.source],
@@ -150,11 +158,34 @@ function versionView(adapter, version, status) {
       " ",
       h("a", { class: "button", href: `#/playground?adapter=${encodeURIComponent(version.ref)}` }, "Use in the playground"),
     ),
-    metrics.length ? table("Metrics", ["Metric", "Value"], metrics.map(([k, v]) => [k, typeof v === "number" ? formatNumber(v) : JSON.stringify(v)])) : null,
+    metrics.length ? table("Metrics", ["Metric", "Value"], metrics) : null,
+    version.metrics?.evaluation_per_prompt
+      ? h(
+          "details",
+          {},
+          h("summary", {}, "Evaluation per prompt"),
+          h("pre", {}, JSON.stringify(version.metrics.evaluation_per_prompt, null, 2)),
+        )
+      : null,
     lineage.length
       ? h("details", {}, h("summary", {}, "Lineage"), h("pre", {}, JSON.stringify(version.lineage, null, 2)))
       : null,
   );
+}
+
+/** A version's metrics as rows: the evaluation's aggregates one per row, then the others. */
+function metricRows(metrics) {
+  const rows = [];
+  const evaluation = metrics.evaluation;
+  if (evaluation && typeof evaluation === "object") {
+    const step = metrics.evaluation_step === undefined ? "" : ` (step ${metrics.evaluation_step})`;
+    for (const name of metricColumns([evaluation])) rows.push([`evaluation${step}: ${name}`, formatNumber(evaluation[name])]);
+  }
+  for (const [name, value] of Object.entries(metrics)) {
+    if (name.startsWith("evaluation")) continue;
+    rows.push([name, typeof value === "number" ? formatNumber(value) : JSON.stringify(value)]);
+  }
+  return rows;
 }
 
 function aliasesView(adapter, status, rerender) {

@@ -3,7 +3,20 @@
 import { api, imageUrl, jobEvents } from "../api.js";
 import { LineChart } from "../chart.js";
 import { facts, h, notice, table } from "../dom.js";
+import { checkpointRef, metricColumns } from "../evaluation.js";
 import { formatDuration, formatNumber, formatProgress, formatTime } from "../format.js";
+
+/** Column headings of the evaluation aggregates (docs/evaluation.md); others show their name. */
+export const METRIC_LABELS = {
+  clip_score: "CLIP score (LoRA)",
+  clip_score_base: "CLIP score (base)",
+  clip_score_gain: "CLIP gain",
+  fidelity_dino: "Fidelity (DINO)",
+  fidelity_clip_i: "Fidelity (CLIP-I)",
+  strength: "Strength",
+  leakage: "Leakage",
+  cmmd: "CMMD",
+};
 
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 
@@ -38,6 +51,8 @@ export async function showJob(page, { signal, args: [id] }) {
   const message = h("div", { "aria-live": "polite" });
   const log = h("ol", { class: "log", "aria-label": "Events log", "data-testid": "events" });
   const checkpoints = h("div", {});
+  const evaluated = new Map(); // step -> the aggregates of that evaluated step
+  const evaluation = h("div", { "data-testid": "evaluation-table" });
   const samples = h("ul", { class: "gallery", "aria-label": "Validation samples" });
   const charts = h("div", { class: "charts" });
   const loss = new LineChart(charts, { label: "Loss by step" });
@@ -87,11 +102,25 @@ export async function showJob(page, { signal, args: [id] }) {
     result,
     h("section", { "aria-labelledby": "curves-title" }, h("h2", { id: "curves-title" }, "Curves"), charts),
     h("section", { "aria-labelledby": "ckpt-title" }, h("h2", { id: "ckpt-title" }, "Checkpoints"), checkpoints),
+    job.params?.evaluation
+      ? h(
+          "section",
+          { "aria-labelledby": "eval-title" },
+          h("h2", { id: "eval-title" }, "Evaluation by step"),
+          evaluation,
+        )
+      : null,
     h("section", { "aria-labelledby": "samples-title" }, h("h2", { id: "samples-title" }, "Validation samples"), samples),
     h("section", { "aria-labelledby": "log-title" }, h("h2", { id: "log-title" }, "Events"), log),
   );
+  const refresh = async () => {
+    const list = await refreshCheckpoints(id, checkpoints, job);
+    for (const c of list) if (c.metrics?.evaluation) evaluated.set(c.step, c.metrics.evaluation);
+    for (const c of job.result?.evaluation?.checkpoints || []) evaluated.set(c.step, c.metrics);
+    if (job.params?.evaluation) evaluation.replaceChildren(evaluationTable(job, evaluated));
+  };
   render();
-  await refreshCheckpoints(id, checkpoints, job);
+  await refresh();
 
   const onEvent = async ({ type, data }) => {
     const event = JSON.parse(data);
@@ -107,6 +136,8 @@ export async function showJob(page, { signal, args: [id] }) {
     );
     if (type === "metrics" && d.evaluation) {
       // An evaluated step (docs/evaluation.md): its same-seed grid, with the aggregates.
+      evaluated.set(d.step, d.evaluation);
+      evaluation.replaceChildren(evaluationTable(job, evaluated));
       samples.append(await evaluationView(d));
     } else if (type === "metrics") {
       loss.add({ x: d.step, y: d.loss });
@@ -114,13 +145,13 @@ export async function showJob(page, { signal, args: [id] }) {
       job.progress = d;
       render();
     } else if (type === "checkpoint") {
-      await refreshCheckpoints(id, checkpoints, job);
+      await refresh();
     } else if (type === "sample") {
       samples.append(await sampleView(d));
     } else if (type === "state") {
       job = await api(`/jobs/${encodeURIComponent(id)}`, { signal });
       render();
-      await refreshCheckpoints(id, checkpoints, job);
+      await refresh();
     }
   };
   // The stream ends with the job; a dropped connection resumes after the last event seen.
@@ -139,7 +170,37 @@ export async function showJob(page, { signal, args: [id] }) {
     render();
     if (FINAL.has(job.status)) break;
   }
-  await refreshCheckpoints(id, checkpoints, job);
+  await refresh();
+}
+
+/** A checkpoint's ref: by adapter name when the job trains one, else by job id. */
+function stepRef(job, step) {
+  return checkpointRef(job.adapter_name || job.id, step);
+}
+
+/** One row per evaluated step: its aggregates, the best step marked, a playground link. */
+function evaluationTable(job, evaluated) {
+  if (!evaluated.size) return notice("No step evaluated yet.");
+  const steps = [...evaluated.keys()].sort((a, b) => a - b);
+  const names = metricColumns(steps.map((step) => evaluated.get(step)));
+  const summary = job.result?.evaluation;
+  const select = summary?.select || job.params?.evaluation?.select;
+  const best = summary?.best_step;
+  const rows = steps.map((step) => {
+    const metrics = evaluated.get(step);
+    return [
+      String(step),
+      ...names.map((name) => formatNumber(metrics[name])),
+      step === best ? h("strong", { class: "tag best" }, "best") : "",
+      h("a", { href: `#/playground?adapter=${encodeURIComponent(stepRef(job, step))}` }, "Use in the playground"),
+    ];
+  });
+  return h(
+    "div",
+    {},
+    select ? h("p", {}, `Best by ${select.metric} (${select.mode}).`) : null,
+    h("div", { class: "table-scroll" }, table(null, ["Step", ...names.map((n) => METRIC_LABELS[n] || n), "Best", "Try it"], rows)),
+  );
 }
 
 function resultView(result) {
@@ -167,7 +228,7 @@ async function refreshCheckpoints(jobId, container, job) {
   const list = await api(`/jobs/${encodeURIComponent(jobId)}/checkpoints`);
   if (!list.data.length) {
     container.replaceChildren(notice("No checkpoints yet."));
-    return;
+    return list.data;
   }
   const status = h("div", { "aria-live": "polite" });
   const rows = list.data.map((c) => {
@@ -183,9 +244,23 @@ async function refreshCheckpoints(jobId, container, job) {
         status.replaceChildren(notice(error.message, "error"));
       }
     });
-    return [String(c.step), formatNumber(c.metrics?.loss), formatTime(c.created_at), job.adapter_name ? promote : "–"];
+    const ref = stepRef(job, c.step);
+    const play = h("a", { class: "button", href: `#/playground?adapter=${encodeURIComponent(ref)}` }, "Use in the playground");
+    return [
+      String(c.step),
+      formatNumber(c.metrics?.loss),
+      formatNumber(c.metrics?.evaluation?.clip_score),
+      formatNumber(c.metrics?.evaluation?.clip_score_base),
+      formatTime(c.created_at),
+      h("code", {}, ref),
+      h("span", {}, job.adapter_name ? promote : "", " ", play),
+    ];
   });
-  container.replaceChildren(table(null, ["Step", "Loss", "Saved", "Action"], rows), status);
+  container.replaceChildren(
+    h("div", { class: "table-scroll" }, table(null, ["Step", "Loss", "CLIP score (LoRA)", "CLIP score (base)", "Saved", "Ref", "Action"], rows)),
+    status,
+  );
+  return list.data;
 }
 
 async function evaluationView(record) {

@@ -2,6 +2,7 @@
 
 import { api, imageUrl, openapi } from "../api.js";
 import { h, labelled, notice } from "../dom.js";
+import { parseAxisValues } from "../evaluation.js";
 import { formatNumber } from "../format.js";
 import { fieldsFromSchema } from "../schema.js";
 
@@ -129,7 +130,112 @@ export async function showPlayground(page, { params }) {
     const withAdapters = request(true);
     run([{ ...withAdapters, adapters: [] }, withAdapters], "Comparison");
   });
-  page.append(form, h("h2", {}, "Results"), gallery);
+  const shared = () => ({
+    prompt: prompt.value.trim() || null,
+    negative_prompt: negative.value.trim() || null,
+    adapter: chosen.firstElementChild?.dataset.ref || null,
+    weight: chosen.firstElementChild ? Number(chosen.firstElementChild.querySelector("input").value) : 1,
+    seed: Number(seed.value),
+    num_inference_steps: Number(steps.value),
+    guidance_scale: Number(guidance.value),
+    scheduler: scheduler.value,
+    width: width.value ? Number(width.value) : null,
+    height: height.value ? Number(height.value) : null,
+  });
+  page.append(form, gridForm(schema, refs, params.get("adapter"), shared), h("h2", {}, "Results"), gallery);
+}
+
+/**
+ * The X/Y grid (POST /grids): two axes among prompts, seeds, adapter refs and weights; every
+ * other setting comes from the form above (its prompt, first adapter and weight, seed, steps,
+ * size, guidance, scheduler). The grid renders as a job; the page polls it, then shows the PNG.
+ */
+function gridForm(schema, refs, wanted, shared) {
+  const kinds = schema.components.schemas.GridAxis.properties.axis.enum;
+  const axisSelect = (name, chosenKind, optional) =>
+    h(
+      "select",
+      { name },
+      optional ? h("option", { value: "" }, "none (one row)") : null,
+      kinds.map((k) => h("option", { value: k, selected: k === chosenKind }, k)),
+    );
+  const xKind = axisSelect("grid_x_axis", "adapter", false);
+  const yKind = axisSelect("grid_y_axis", "seed", true);
+  const xValues = h("textarea", { name: "grid_x_values", rows: 4, "aria-describedby": "grid-values-hint" }, ["none", wanted || refs[0] || ""].filter(Boolean).join("\n"));
+  const yValues = h("textarea", { name: "grid_y_values", rows: 4, "aria-describedby": "grid-values-hint" }, "1\n2");
+  const status = h("div", { "aria-live": "polite" });
+  const result = h("div", { "data-testid": "grid-result" });
+  const submit = h("button", { type: "submit" }, "Render grid");
+  const hint =
+    "one value per line; adapter refs: none (the base model), name, name@3, name@best, name@ckpt:400 " +
+    `(known: ${refs.slice(0, 8).join(", ") || "none yet"}); seeds: whole numbers; weights: -4 to 4`;
+  const form = h(
+    "form",
+    { class: "card", "aria-labelledby": "grid-title", "data-testid": "grid-form" },
+    h("h2", { id: "grid-title" }, "X/Y grid"),
+    h("p", {}, "One labeled image over two axes; the other settings are the playground's above."),
+    h("p", { class: "hint", id: "grid-values-hint" }, hint),
+    h(
+      "div",
+      { class: "row" },
+      labelled("X axis (columns)", xKind),
+      labelled("X values", xValues),
+      labelled("Y axis (rows)", yKind),
+      labelled("Y values", yValues),
+    ),
+    h("div", { class: "actions" }, submit),
+    status,
+    result,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    let body;
+    try {
+      body = Object.fromEntries(Object.entries(shared()).filter(([, v]) => v !== null));
+      body.x = { axis: xKind.value, values: parseAxisValues(xKind.value, xValues.value) };
+      if (yKind.value) body.y = { axis: yKind.value, values: parseAxisValues(yKind.value, yValues.value) };
+      for (const axis of [xKind.value, yKind.value]) if (axis) delete body[axis];
+      if (body.x.axis === "adapter" || body.y?.axis === "adapter") delete body.weight;
+    } catch (error) {
+      status.replaceChildren(notice(error.message, "error"));
+      return;
+    }
+    submit.disabled = true;
+    status.replaceChildren(notice("Rendering the grid…"));
+    try {
+      // Sent again with the same Idempotency-Key once its job ends, it answers the grid.
+      const key = `console-grid-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+      const post = () => api("/grids", { method: "POST", body: { ...body, wait: 30 }, headers: { "Idempotency-Key": key } });
+      let answer = await post();
+      if (!answer.job_id) {
+        // 202: the grid's job; poll it until it ends.
+        let job = answer;
+        while (!["succeeded", "failed", "cancelled"].includes(job.status)) {
+          status.replaceChildren(notice(`Grid job ${job.id}: ${job.status}…`));
+          await new Promise((resolve) => setTimeout(resolve, 1000));
+          job = await api(`/jobs/${encodeURIComponent(job.id)}`);
+        }
+        if (job.status !== "succeeded") throw new Error(job.error ? `${job.error.code}: ${job.error.message}` : `the grid job ${job.status}`);
+        answer = await post();
+      }
+      const imageId = answer.image_id;
+      const labels = [answer.columns.join(", "), answer.rows.join(", ")].filter(Boolean).join(" by ");
+      result.replaceChildren(
+        h(
+          "figure",
+          {},
+          h("img", { src: await imageUrl(`/images/${imageId}`), alt: `grid: ${labels || "done"}`, "data-testid": "grid-image" }),
+          h("figcaption", {}, `Grid job `, h("a", { href: `#/jobs/${answer.job_id}` }, answer.job_id), labels ? `: ${labels}` : ""),
+        ),
+      );
+      status.replaceChildren(notice("Grid done."));
+    } catch (error) {
+      status.replaceChildren(notice(error.message, "error"));
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  return form;
 }
 
 async function adapterRefs(adapters) {

@@ -46,6 +46,7 @@ export async function showTrain(page, { params }) {
 
   const grid = h("div", { class: "grid" });
   for (const field of fields) grid.append(fieldControl(field, inputs));
+  const evaluation = evaluationFields(schema, "TrainJobCreate");
 
   const plan = h("div", { "aria-live": "polite", class: "plan" });
   const planButton = h("button", { type: "button", name: "plan" }, "Plan (dry run)");
@@ -64,6 +65,7 @@ export async function showTrain(page, { params }) {
       labelled("Preset", preset),
     ),
     h("fieldset", {}, h("legend", {}, "Hyperparameters (defaults and limits from the API schema)"), grid),
+    evaluation.element,
     h("div", { class: "actions" }, planButton, " ", startButton),
     plan,
   );
@@ -82,6 +84,7 @@ export async function showTrain(page, { params }) {
       adapter_name: adapterName.value.trim(),
       base_model: baseModel.value || null,
       hyperparameters,
+      ...evaluation.read(),
       dry_run: dryRun,
     };
   };
@@ -106,19 +109,67 @@ export async function showTrain(page, { params }) {
   page.append(form);
 }
 
-function fieldControl(field, inputs) {
+/**
+ * The evaluation fieldset (docs/evaluation.md): every field of the API's Evaluation schema,
+ * select (metric and mode) from CheckpointSelect, and `publish` from the request schema named
+ * (TrainJobCreate or ExperimentCreate). read() answers {evaluation?, publish}: no evaluation
+ * when every field is empty (the API then evaluates nothing).
+ */
+export function evaluationFields(schema, requestName) {
+  const fields = fieldsFromSchema(schema, "Evaluation").filter((f) => f.name !== "select");
+  const selectFields = fieldsFromSchema(schema, "CheckpointSelect");
+  const publishField = fieldsFromSchema(schema, requestName).find((f) => f.name === "publish");
+  const inputs = new Map();
+  const grid = h("div", { class: "grid" });
+  for (const field of fields) grid.append(fieldControl(field, inputs, "eval"));
+  for (const field of selectFields) grid.append(fieldControl({ ...field, label: `Select: ${field.label}` }, inputs, "select"));
+  grid.append(fieldControl(publishField, inputs));
+  const element = h(
+    "fieldset",
+    { "data-testid": "evaluation" },
+    h("legend", {}, "Evaluation: base vs LoRA at the same seeds, at every checkpoint (optional)"),
+    grid,
+  );
+  const read = () => {
+    const evaluation = {};
+    for (const field of fields) {
+      const value = readField(field, inputs.get(`eval.${field.name}`));
+      if (value !== undefined && !(field.kind === "boolean" && value === field.default)) evaluation[field.name] = value;
+    }
+    const select = {};
+    for (const field of selectFields) select[field.name] = inputs.get(`select.${field.name}`).value;
+    const publish = inputs.get("publish").value;
+    if (!Object.keys(evaluation).length) return { publish };
+    return { evaluation: { ...evaluation, select }, publish };
+  };
+  return { element, read };
+}
+
+/** A control's value as the API takes it (undefined: leave the API's default). */
+export function readField(field, input) {
+  if (field.kind === "list" && field.itemKind === "enum") {
+    const picked = [...input.querySelectorAll("input:checked")].map((box) => box.value);
+    return picked.length ? picked : undefined;
+  }
+  return parseFieldValue(field, field.kind === "boolean" ? input.checked : input.value);
+}
+
+export function fieldControl(field, inputs, prefix = "") {
+  const key = prefix ? `${prefix}.${field.name}` : field.name;
+  const name = prefix ? `${prefix}_${field.name}` : field.name;
   let control;
-  const hint = [field.description, describeLimits(field), field.default !== null ? `default ${JSON.stringify(field.default)}` : ""]
+  const items = field.kind === "list" ? [field.minItems ? `at least ${field.minItems}` : "", field.maxItems ? `at most ${field.maxItems}` : ""] : [];
+  const hint = [field.description, describeLimits(field), ...items, field.default !== null ? `default ${JSON.stringify(field.default)}` : ""]
     .filter(Boolean)
     .join("; ");
   switch (field.kind) {
     case "boolean":
-      control = h("input", { type: "checkbox", name: field.name, checked: field.default === true });
+      control = h("input", { type: "checkbox", name, checked: field.default === true });
       break;
     case "enum":
       control = h(
         "select",
-        { name: field.name },
+        { name },
         field.nullable ? h("option", { value: "" }, "default") : null,
         field.options.map((o) => h("option", { value: o, selected: o === field.default }, o)),
       );
@@ -128,7 +179,7 @@ function fieldControl(field, inputs) {
       const min = field.min ?? field.exclusiveMin;
       control = h("input", {
         type: "number",
-        name: field.name,
+        name,
         step: field.step,
         min: min ?? null,
         max: field.max ?? field.exclusiveMax ?? null,
@@ -137,12 +188,24 @@ function fieldControl(field, inputs) {
       break;
     }
     case "list":
-      control = h("textarea", { name: field.name, rows: 2, placeholder: "one per line" });
+      if (field.itemKind === "enum") {
+        const boxes = field.itemOptions.map((o) =>
+          h("label", { class: "inline" }, h("input", { type: "checkbox", name, value: o }), ` ${o} `),
+        );
+        control = h("fieldset", { class: "choices" }, h("legend", {}, field.label), boxes, h("small", { class: "hint" }, hint || "none ticked: the API's default"));
+        inputs.set(key, control);
+        return control;
+      }
+      control = h("textarea", {
+        name,
+        rows: 2,
+        placeholder: field.itemKind === "integer" ? "one number per line" : "one per line",
+      });
       break;
     case "choice-or-list": {
       const listId = `${field.name}-options`;
-      control = h("input", { type: "text", name: field.name, list: listId, placeholder: String(field.default ?? "") });
-      inputs.set(field.name, control);
+      control = h("input", { type: "text", name, list: listId, placeholder: String(field.default ?? "") });
+      inputs.set(key, control);
       return h(
         "div",
         {},
@@ -151,9 +214,9 @@ function fieldControl(field, inputs) {
       );
     }
     default:
-      control = h("input", { type: "text", name: field.name });
+      control = h("input", { type: "text", name });
   }
-  inputs.set(field.name, control);
+  inputs.set(key, control);
   return labelled(field.label, control, hint);
 }
 
