@@ -7,7 +7,7 @@ import functools
 import io
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -17,20 +17,16 @@ from service.config import Settings
 from service.errors import NotFound, field_error
 from service.experiments.schemas import ExperimentCreate, ExperimentOut, ExperimentRun
 from service.jobs import training
-from service.jobs.training_schemas import Hyperparameters, TrainingPlanOut, TrainJobCreate
+from service.jobs.training_schemas import (
+    Hyperparameters,
+    SelectableMetric,
+    TrainingPlanOut,
+    TrainJobCreate,
+)
 from service.models import ACTIVE_JOB_STATUSES, Experiment, Job, JobStatus
 
-# The order of the metric columns in tables and reports.
-METRIC_ORDER = (
-    "clip_score",
-    "clip_score_base",
-    "clip_score_gain",
-    "fidelity_dino",
-    "fidelity_clip_i",
-    "strength",
-    "leakage",
-    "cmmd",
-)
+# The order of the metric columns in tables and reports: the selectable metrics' own order.
+METRIC_ORDER: tuple[str, ...] = get_args(SelectableMetric)
 
 
 def combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
