@@ -12,7 +12,6 @@ weights copied into the adapter store, so retention cannot remove them before it
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from service.lifecycle import LeasedJob
 from service.models import Checkpoint, Image, JobEvent
 from service.publishing import store_job_weights
 from service.storage import StoredObject
+from workers.images import store_png
 from workers.runtime import WorkerRuntime
 
 if TYPE_CHECKING:
@@ -320,20 +320,14 @@ class JobEvaluation:
             return picture.convert("RGB")
 
     def _store_image(self, session: Any, picture: Any, seed: int) -> str:
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        stored = self.rt.store.put_bytes(buffer.getvalue(), prefix="images", suffix=".png")
-        row = Image(
+        return store_png(
+            session,
+            self.rt.store,
             tenant_id=self.job.tenant_id,
             job_id=self.job.id,
-            storage_key=stored.key,
+            picture=picture,
             seed=seed,
-            width=picture.width,
-            height=picture.height,
         )
-        session.add(row)
-        session.flush()
-        return row.id
 
     def _warn(self, step: int, message: str) -> None:
         log.warning("evaluate %s at step %s: %s", self.job.id, step, message)

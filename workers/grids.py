@@ -4,7 +4,6 @@ stored as images too."""
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -15,9 +14,10 @@ from service import lifecycle
 from service.db import transaction
 from service.job_params import GridParams
 from service.lifecycle import LeasedJob
-from service.models import Image, Job, JobKind, JobStatus
+from service.models import Job, JobKind, JobStatus
 from service.notify import publish_done
 from workers.generation import get_engine
+from workers.images import store_png
 from workers.runtime import WorkerRuntime
 
 if TYPE_CHECKING:
@@ -134,20 +134,9 @@ def _render(rt: WorkerRuntime, job: LeasedJob) -> None:
 
 
 def _store(rt: WorkerRuntime, session: Any, job: LeasedJob, picture: Any, seed: int | None) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    stored = rt.store.put_bytes(buffer.getvalue(), prefix="images", suffix=".png")
-    row = Image(
-        tenant_id=job.tenant_id,
-        job_id=job.id,
-        storage_key=stored.key,
-        seed=seed,
-        width=picture.width,
-        height=picture.height,
+    return store_png(
+        session, rt.store, tenant_id=job.tenant_id, job_id=job.id, picture=picture, seed=seed
     )
-    session.add(row)
-    session.flush()
-    return row.id
 
 
 class _CancelCheck:

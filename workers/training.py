@@ -3,7 +3,6 @@ progress and events into SQL (throttled), and the result published as an adapter
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -25,7 +24,6 @@ from service.models import (
     Checkpoint,
     Dataset,
     DatasetStatus,
-    Image,
     Job,
     JobKind,
     JobStatus,
@@ -40,6 +38,7 @@ from workers.engine.training.callbacks import (
     ValidationImage,
 )
 from workers.evaluation import EvaluationOutcome, JobEvaluation
+from workers.images import store_png
 from workers.runtime import WorkerRuntime
 
 if TYPE_CHECKING:
@@ -161,22 +160,14 @@ class SqlCallbacks(NullCallbacks):
             for sample in images:
                 ids = {}
                 for which, picture in (("base", sample.base_image), ("lora", sample.lora_image)):
-                    buffer = io.BytesIO()
-                    picture.save(buffer, format="PNG")
-                    stored = self.rt.store.put_bytes(
-                        buffer.getvalue(), prefix="images", suffix=".png"
-                    )
-                    row = Image(
+                    ids[f"{which}_image_id"] = store_png(
+                        session,
+                        self.rt.store,
                         tenant_id=self.tenant_id,
                         job_id=self.job_id,
-                        storage_key=stored.key,
+                        picture=picture,
                         seed=sample.seed,
-                        width=picture.width,
-                        height=picture.height,
                     )
-                    session.add(row)
-                    session.flush()
-                    ids[f"{which}_image_id"] = row.id
                 entry = {"step": step, "prompt": sample.prompt, "seed": sample.seed, **ids}
                 self.validation.append(entry)
                 lifecycle.add_event(session, job_id=self.job_id, type="sample", data=entry)
