@@ -299,10 +299,15 @@ def cmd_keys_revoke(args: argparse.Namespace) -> None:
 
 def cmd_init_model(args: argparse.Namespace) -> None:
     from workers.engine.model_builder import build_pipeline_folder
+    from workers.engine.text.builder import TEXT_PRESETS, build_text_classifier_folder
 
     out = Path(args.dir)
     if out.exists() and any(out.iterdir()):
         fail(f"{out} exists and is not empty")
+    if args.preset in TEXT_PRESETS:
+        build_text_classifier_folder(args.preset, out, seed=args.seed)
+        print(f"wrote a randomly initialised {args.preset} text classifier to {out}")
+        return
     build_pipeline_folder(args.preset, out, seed=args.seed)
     print(f"wrote a randomly initialised {args.preset} pipeline to {out}")
 
@@ -357,8 +362,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke.add_argument("key_id", help="the key's id, from `lorastack keys list`")
     revoke.set_defaults(func=cmd_keys_revoke)
 
-    init = sub.add_parser("init-model", help="write a randomly initialised SD 1.x pipeline")
-    init.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    init = sub.add_parser(
+        "init-model",
+        help="write a randomly initialised SD 1.x pipeline (tiny, sd15) or text classifier "
+        "(tiny-text)",
+    )
+    init.add_argument("--preset", choices=["tiny", "sd15", "tiny-text"], default="tiny")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("dir")
     init.set_defaults(func=cmd_init_model)

@@ -1,0 +1,1 @@
+"""Text classification: tiny base models, LoRA and full fine-tuning, mixed-adapter inference."""
