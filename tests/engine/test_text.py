@@ -206,6 +206,18 @@ def test_resume_after_cancel_equals_an_uninterrupted_run(
     )
     assert resumer.resumed == [2] and resumed.resumed_from_step == 2
     assert [p.step for p in resumer.steps] == [3, 4, 5, 6]
+    assert resumed.final_loss == whole.final_loss
+    watcher = Recorder()
+    train_text_classifier(
+        model_dir=text_model_dir,
+        items=data,
+        config=config,
+        output_dir=tmp_path / "watched",
+        callbacks=watcher,
+    )
+    # The smoothed loss carries across the resume: the same figures as the uninterrupted run.
+    assert [p.smoothed_loss for p in resumer.steps] == [p.smoothed_loss for p in watcher.steps[2:]]
+    assert watcher.steps[0].smoothed_loss == pytest.approx(watcher.steps[0].loss)
     want, got = _trainable(whole), _trainable(resumed)
     assert want.keys() == got.keys()
     for name in want:

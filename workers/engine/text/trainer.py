@@ -41,6 +41,7 @@ _WEIGHTS_FILE = "trainable.safetensors"
 _TRAINING_STATE_FILE = "training_state.pt"
 _STATE_FILE = "state.json"
 _EVAL_BATCH = 64
+_LOSS_EMA_BETA = 0.9
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,9 @@ class _TextRun:
         self.total_steps = config.total_steps(len(self.train_items))
         self.accelerator = make_text_accelerator(device)
         self.device = self.accelerator.device
+        # Raw exponential moving average of the loss and its length, carried across resumes.
+        self.loss_ema = 0.0
+        self.loss_ema_count = 0
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -288,6 +292,8 @@ class _TextRun:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss_value = sum(losses) / len(losses)
+            self.loss_ema = _LOSS_EMA_BETA * self.loss_ema + (1 - _LOSS_EMA_BETA) * loss_value
+            self.loss_ema_count += 1
             self._report(step, start_step, loss_value, started)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 self._checkpoint(step, loss_value)
@@ -312,7 +318,8 @@ class _TextRun:
                 total_steps=self.total_steps,
                 epoch=(step - 1) * config.gradient_accumulation_steps // per_epoch,
                 loss=loss,
-                smoothed_loss=loss,
+                # Bias-corrected: without it the average leans towards the zero it starts from.
+                smoothed_loss=self.loss_ema / (1 - _LOSS_EMA_BETA**self.loss_ema_count),
                 lr=float(self.lr_scheduler.get_last_lr()[0]),
                 samples_per_s=samples / per_step if per_step > 0 else 0.0,
                 eta_s=(self.total_steps - step) * per_step,
@@ -357,7 +364,13 @@ class _TextRun:
             },
             tmp / _TRAINING_STATE_FILE,
         )
-        state = {"step": step, "loss": loss, "config": self.config.to_dict()}
+        state = {
+            "step": step,
+            "loss": loss,
+            "loss_ema": self.loss_ema,
+            "loss_ema_count": self.loss_ema_count,
+            "config": self.config.to_dict(),
+        }
         (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
@@ -372,7 +385,8 @@ class _TextRun:
         if not found:
             return 0
         step, path = found[-1]
-        saved = json.loads((path / _STATE_FILE).read_text(encoding="utf-8"))["config"]
+        state = json.loads((path / _STATE_FILE).read_text(encoding="utf-8"))
+        saved = state["config"]
         now = self.config.to_dict()
         for field in RESUME_FIXED_FIELDS:
             if saved.get(field) != now[field]:
@@ -390,6 +404,8 @@ class _TextRun:
         )
         self.optimizer.load_state_dict(training_state["optimizer"])
         self.lr_scheduler.load_state_dict(training_state["lr_scheduler"])
+        self.loss_ema = float(state["loss_ema"])
+        self.loss_ema_count = int(state["loss_ema_count"])
         return step
 
     def _save(self) -> Path:
