@@ -159,6 +159,20 @@ def test_mixed_batch_rows_equal_each_row_alone(
     assert len({round(a.scores[0][1], 4) for a in same_text}) == 3
     with pytest.raises(KeyError):
         engine.classify(["x"], ["missing"])
+    engine.unload_adapter("b")
+    assert engine.adapters == ["a"]
+    with pytest.raises(KeyError):
+        engine.classify(["x"], ["b"])
+    after = engine.classify(texts, ["a", "a", None, "a"], top_k=2)
+    assert dict(after[0].scores) == pytest.approx(dict(mixed[0].scores), abs=1e-5)
+    assert dict(after[2].scores) == pytest.approx(dict(mixed[2].scores), abs=1e-5)
+    # Base rows are the untouched base model, before and after the last adapter goes.
+    fresh = TextClassifierEngine(text_model_dir).classify([texts[2]], top_k=2)[0]
+    assert dict(fresh.scores) == pytest.approx(dict(mixed[2].scores), abs=1e-5)
+    engine.unload_adapter("a")
+    assert engine.adapters == []
+    base_only = engine.classify([texts[2]], top_k=2)[0]
+    assert dict(base_only.scores) == pytest.approx(dict(fresh.scores), abs=1e-5)
 
 
 def _trainable(result: TextTrainResult) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ class TextClassifierEngine:
     def __init__(self, model_dir: Path, *, device: str = "cpu", max_length: int = 128) -> None:
         from transformers import AutoTokenizer
 
+        self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -65,7 +66,13 @@ class TextClassifierEngine:
         """Remove adapter ``name`` (the last one removed leaves the base model alone)."""
         if name not in self.adapters:
             raise KeyError(name)
-        self.model.delete_adapter(name)
+        if len(self.adapters) > 1:
+            self.model.delete_adapter(name)
+            return
+        # The last one. peft's unload() would keep that adapter's trained head in place of the
+        # base head, so the untouched base is read again instead.
+        self.base = load_classifier(self.model_dir).to(self.device).eval()
+        self.model = self.base
 
     @torch.no_grad()
     def classify(
