@@ -268,3 +268,31 @@ def test_config_refuses_bad_settings() -> None:
         TextTrainConfig(method="qlora")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="validation_split"):
         TextTrainConfig(validation_split=1.0)
+
+
+def test_bert_gets_its_own_lora_targets_and_head(text_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(text_model_dir)
+    bert_dir = tmp_path / "bert"
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    BertForSequenceClassification(config).save_pretrained(bert_dir)
+    tokenizer.save_pretrained(bert_dir)
+    result = train_text_classifier(
+        model_dir=bert_dir,
+        items=sentiment_items(32),
+        config=TextTrainConfig(max_steps=2, batch_size=8),
+        output_dir=tmp_path / "run",
+        callbacks=NullTextCallbacks(),
+    )
+    names = set(_trainable(result))
+    assert any(".query.lora_A." in n for n in names)
+    assert any(".value.lora_B." in n for n in names)
+    assert not any(".key." in n for n in names)
+    assert any("classifier" in n for n in names)
